@@ -1,0 +1,63 @@
+"""A DICOM series as one volume: voxels, the LPS affine and the source headers, in slice order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.io.geometry import lps_to_ras, voxel_spacing
+
+
+@dataclass
+class SeriesVolume:
+    """A decoded image series on its native grid.
+
+    Attributes:
+        array: voxels indexed ``[i, j, k]``: ``i`` = column index within a slice (along the row
+            direction cosine), ``j`` = row index (along the column direction cosine), ``k`` = slice
+            index, sorted by increasing position along the slice normal ``row_cos x col_cos``.
+            Modality units after RescaleSlope/Intercept (HU for CT), float32.
+        affine_lps: 4x4 map from voxel ``(i, j, k, 1)`` to DICOM patient coordinates (LPS, mm).
+        datasets: the source headers (pydicom Datasets, pixel data may be dropped), one per slice in
+            ``k`` order. For an enhanced multi-frame object, the same dataset repeated per frame.
+        frame_numbers: 1-based frame number in ``datasets[k]`` for each slice (all 1 for
+            single-frame series).
+        series_instance_uid: the series' UID ('' when the files carry none).
+        selection_reason: human-readable note on why this series was chosen.
+        source_files: the file path of each slice, in ``k`` order.
+    """
+
+    array: np.ndarray
+    affine_lps: np.ndarray
+    datasets: list = field(default_factory=list)
+    frame_numbers: list[int] = field(default_factory=list)
+    series_instance_uid: str = ""
+    selection_reason: str = ""
+    source_files: list[str] = field(default_factory=list)
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        """4x4 map from voxel ``(i, j, k, 1)`` to RAS (mm), as NIfTI and MONAI expect."""
+        return lps_to_ras(self.affine_lps)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along ``i, j, k``."""
+        return voxel_spacing(self.affine_lps)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def to_metatensor(self):
+        """Channel-first MONAI MetaTensor ``(1, I, J, K)`` with the RAS affine (MONAI's space)."""
+        import torch
+        from monai.data import MetaTensor
+
+        meta = {"filename_or_obj": self.source_files[0] if self.source_files else "dicom", "space": "RAS"}
+        return MetaTensor(
+            torch.as_tensor(self.array[None], dtype=torch.float32),
+            affine=torch.as_tensor(self.affine_ras, dtype=torch.float64),
+            meta=meta,
+        )

@@ -1,0 +1,87 @@
+"""The 3D U-Net of Çiçek et al. (MICCAI 2016), with padded convolutions.
+
+Per resolution level of the analysis path: two 3×3×3 convolutions, each followed by normalisation
+and ReLU, where the second doubles the channels of the first ("doubled before each max-pool", to
+avoid bottlenecks), then 2×2×2 max-pooling. The synthesis path up-samples with 2×2×2 transposed
+convolutions (keeping the channel count), concatenates the skip connection from the same level and
+applies two 3×3×3 convolutions. A 1×1×1 convolution maps to the class logits.
+
+With ``features=(32, 64, 128, 256)`` the channel plan is the paper's: 32→64 | 64→128 | 128→256 |
+bottom 256→512; up: 512 + 256 → 256, 256; 256 + 128 → 128, 128; 128 + 64 → 64, 64; 1×1×1 → classes.
+Padded convolutions keep the output the size of the input, which must be divisible by
+``2 ** (len(features) - 1)`` in every spatial dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution
+
+
+def _double_conv(in_ch: int, mid_ch: int, out_ch: int, norm: str | tuple, dropout: float) -> nn.Sequential:
+    """Two 3×3×3 padded convolutions, each with normalisation and ReLU (MONAI order N-D-A)."""
+    kw = dict(spatial_dims=3, kernel_size=3, act="RELU", norm=norm, dropout=dropout, adn_ordering="NDA")
+    return nn.Sequential(Convolution(in_channels=in_ch, out_channels=mid_ch, **kw),
+                         Convolution(in_channels=mid_ch, out_channels=out_ch, **kw))
+
+
+class UNet3D(nn.Module):
+    """Çiçek et al.'s 3D U-Net.
+
+    Args:
+        in_channels: image channels.
+        out_channels: classes (background included); the output holds logits.
+        features: output channels of the *first* convolution at each level, top to bottom; the last
+            entry is the bottom level. Its length sets the depth (number of max-pools + 1). Each
+            level's second convolution doubles the channels.
+        norm: MONAI norm name: "batch" (the paper), "instance", or a tuple with arguments.
+        dropout: dropout probability after each convolution (0 disables).
+        spatial_dims: kept for MONAI bundle compatibility; only 3 is supported.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        features: Sequence[int] = (32, 64, 128, 256),
+        norm: str | tuple = "batch",
+        dropout: float = 0.0,
+        spatial_dims: int = 3,
+    ):
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError("UNet3D is three-dimensional: spatial_dims must be 3")
+        if len(features) < 2:
+            raise ValueError("features needs at least two levels (one max-pool)")
+        self.depth = len(features)
+        self.encoders = nn.ModuleList()
+        ch = in_channels
+        skip_channels = []
+        for f in features:
+            self.encoders.append(_double_conv(ch, f, 2 * f, norm, dropout))
+            ch = 2 * f
+            skip_channels.append(ch)
+        self.pool = nn.MaxPool3d(kernel_size=2, stride=2)
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for skip_ch in reversed(skip_channels[:-1]):
+            self.upsamplers.append(nn.ConvTranspose3d(ch, ch, kernel_size=2, stride=2))
+            self.decoders.append(_double_conv(ch + skip_ch, skip_ch, skip_ch, norm, dropout))
+            ch = skip_ch
+        self.head = nn.Conv3d(ch, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        for i, encoder in enumerate(self.encoders):
+            if i > 0:
+                x = self.pool(x)
+            x = encoder(x)
+            skips.append(x)
+        skips.pop()  # the bottom level feeds the first up-sampler directly
+        for upsampler, decoder in zip(self.upsamplers, self.decoders):
+            x = upsampler(x)
+            x = decoder(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
