@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", default=None, help="comma list of nifti,seg,rtstruct (DICOM input; default nifti,seg)")
     i.add_argument("--series-uid", help="DICOM series to use when the folder holds several")
     i.add_argument("--send", action="append", help="dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT (repeatable)")
+    i.add_argument("--config", action="append", help="extra config merged over the bundle's (e.g. demo.json)")
+    i.add_argument("--allow-generated-uids", action="store_true",
+                   help="source series with blank Study/Series/FrameOfReference UIDs: derive stable ones instead of refusing")
     i.add_argument("--override")
     i.set_defaults(func=cmd_infer)
 
@@ -195,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _segapp_cause(exc: BaseException | None) -> SegappError | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, SegappError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -204,9 +217,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return int(args.func(args) or 0)
-    except SegappError as exc:
-        print(f"segapp: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    except Exception as exc:  # MONAI's config parser wraps our errors in RuntimeError: unwrap them
+        err = _segapp_cause(exc)
+        if err is None:
+            raise
+        print(f"segapp: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("segapp: interrupted", file=sys.stderr)
         return 130

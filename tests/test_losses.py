@@ -128,7 +128,11 @@ def test_dicece_single_channel_sigmoid_equals_monai():
     assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(weight=[0.5, 1.0, 2.0]), dict(label_smoothing=0.1)])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(weight=[0.5, 1.0, 2.0]), dict(label_smoothing=0.1),
+     dict(weight=[0.5, 1.0, 2.0], label_smoothing=0.1)],
+)
 def test_ce_equals_torch_when_dense(kw):
     x, dense, _, _ = _case(9)
     ours = MaskedCrossEntropyLoss(ignore_value=IGN, **kw)(x, dense)

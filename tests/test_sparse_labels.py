@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,23 @@ def test_dictionary_transforms_are_per_case_deterministic():
     s = Scribblesd(keys="label", n_per_class=1, radius=1)
     sa, sb = s({"label": mt1})["label"], s({"label": mt1})["label"]
     assert torch.equal(sa, sb) and (sa != IGN).any() and (sa == IGN).any()
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus" / "labelsTr"
+
+
+def test_real_hippocampus_labels():
+    import nibabel as nib
+
+    files = sorted(DATA.glob("hippocampus_*.nii.gz"))[:3]
+    assert files, f"no labels under {DATA}"
+    for f in files:
+        lab = np.asarray(nib.load(f).dataobj).astype(np.uint8)
+        sparse = sparsify_slices(lab, 2, ignore_value=IGN, rng=case_seed(f.name))
+        kept = sparse != IGN
+        assert np.array_equal(sparse[kept], lab[kept])
+        I, J, K = lab.shape
+        expected = (2 * (J * K + I * K + I * J) - 4 * (I + J + K) + 8) / lab.size
+        assert labelled_fraction(sparse, IGN).voxels == pytest.approx(expected)
+        for ax, idx in choose_planes(lab, 2, rng=case_seed(f.name)).items():
+            assert all(np.take(lab, i, axis=ax).any() for i in idx)

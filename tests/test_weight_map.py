@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +117,22 @@ def test_dictionary_transform_keeps_metatensor_and_reads_spacing():
     # numpy in, numpy out
     out_np = UNetWeightMapd(sigma=4.0)({"label": lab[None]})
     assert isinstance(out_np["weight"], np.ndarray) and out_np["weight"].dtype == np.float32
+
+
+def test_real_hippocampus_label():
+    import nibabel as nib
+
+    from app.io.geometry import voxel_spacing
+
+    path = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus" / "labelsTr")
+                  .glob("hippocampus_*.nii.gz"))[0]
+    img = nib.load(path)
+    lab = np.asarray(img.dataobj).astype(np.uint8)
+    w = unet_weight_map(lab, w0=10.0, sigma=2.0, spacing=voxel_spacing(img.affine))
+    wc = class_balance_weights(lab)
+    assert w.dtype == np.float32 and w.shape == lab.shape
+    assert np.all(w >= wc - 1e-6) and np.all(w <= wc + 10.0 + 1e-5)
+    # anterior (1) and posterior (2) hippocampus touch: their interface carries the border term
+    touching = (lab == 1) & ndimage.binary_dilation(lab == 2)
+    assert touching.any()
+    assert np.all(w[touching] - wc[touching] > 10.0 * np.exp(-(2.0**2) / (2 * 2.0**2)) - 1e-4)

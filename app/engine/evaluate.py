@@ -47,18 +47,32 @@ def make_predictor(bundle: str, checkpoint: str | None = None, device: str = "au
     """The bundle's inference predictor with weights loaded, and the bundle metadata."""
     ckpt = default_checkpoint(bundle, checkpoint)
     resolve_device(device)
-    parser = bundle_parser(bundle, ["train.json", "inference.json", *extra_configs],
-                           {"device_name": device, "checkpoint": ckpt, **(overrides or {})})
-    return parser.get_parsed_content("inference#predictor"), parser.get("_meta_", {})
+    parser = bundle_parser(bundle, [*run_config(ckpt), "inference.json", *extra_configs],
+                           {"device_name": device, "checkpoint": "", **(overrides or {})})
+    predictor = parser.get_parsed_content("inference#predictor")
+    predictor.load_weights(ckpt)
+    return predictor, parser.get("_meta_", {})
+
+
+def run_config(checkpoint: str) -> list[str]:
+    """The training run's executed config when the checkpoint lies in a segapp run folder, else train.json.
+
+    So a model trained with overrides (e.g. the demo's small network) is rebuilt exactly as trained.
+    """
+    for folder in (Path(checkpoint).parent, Path(checkpoint).parent.parent):
+        executed = folder / "executed_config.json"
+        if executed.is_file():
+            return [str(executed)]
+    return ["train.json"]
 
 
 def infer_nifti(bundle: str, inputs: str, output_dir: str, checkpoint: str | None = None, device: str = "auto",
-                overrides: dict[str, Any] | None = None) -> list[Path]:
+                overrides: dict[str, Any] | None = None, extra_configs: Sequence[str] = ()) -> list[Path]:
     """Label maps for a NIfTI file or folder, each on its input's exact grid."""
     if not Path(inputs).exists():
         raise InputError("input not found", inputs)
     files = find_nifti_inputs(inputs)
     if not files:
         raise InputError("no NIfTI files (.nii, .nii.gz) found", inputs)
-    predictor, _ = make_predictor(bundle, checkpoint, device, overrides)
+    predictor, _ = make_predictor(bundle, checkpoint, device, overrides, extra_configs)
     return predict_paths(predictor, files, output_dir)

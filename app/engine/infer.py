@@ -66,7 +66,10 @@ class BundlePredictor:
         self.amp = bool(amp) and self.device.type == "cuda"
         self.image_key = image_key
         if checkpoint:
-            load_network_weights(self.network, checkpoint, self.device)
+            self.load_weights(checkpoint)
+
+    def load_weights(self, checkpoint: str | Path) -> None:
+        load_network_weights(self.network, checkpoint, self.device)
 
     @torch.no_grad()
     def predict_metatensor(self, image: MetaTensor) -> Prediction:

@@ -97,6 +97,11 @@ def _meta_uid(ds: Dataset, keyword: str, meta_keyword: str) -> str:
     return value
 
 
+# Patient/study attributes of type 2 that a SEG copies from its source; absent ones are added empty.
+_TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _source_headers(volume: SeriesVolume, allow_generated_uids: bool) -> list[Dataset]:
     """Unique source headers (k order) with the UIDs a SEG needs to reference them.
 
@@ -122,6 +127,9 @@ def _source_headers(volume: SeriesVolume, allow_generated_uids: bool) -> list[Da
         new.file_meta = getattr(ds, "file_meta", Dataset())
         if "SpecificCharacterSet" in new and not new.SpecificCharacterSet:
             del new.SpecificCharacterSet  # blank = default repertoire; highdicom rejects ''
+        for kw in _TYPE2_PATIENT_STUDY:  # type 2 (may be empty, must be present); some exports drop them
+            if kw not in new:
+                new[kw] = DataElement(pydicom.datadict.tag_for_keyword(kw), pydicom.datadict.dictionary_VR(kw), None)
         where = volume.source_files[n] if n < len(volume.source_files) else f"slice {n}"
         for kw, meta_kw in (("SOPInstanceUID", "MediaStorageSOPInstanceUID"), ("SOPClassUID", "MediaStorageSOPClassUID")):
             value = _meta_uid(ds, kw, meta_kw)

@@ -46,7 +46,10 @@ class MaskedFocalLoss(_MaskedBase):
         super().__init__(include_background, to_onehot_y, reduction=reduction, weight=weight,
                          ignore_value=ignore_value)
         self.gamma = float(gamma)
-        self.alpha = None if alpha is None else (float(alpha) if isinstance(alpha, (int, float)) else torch.as_tensor(alpha))
+        if alpha is None or isinstance(alpha, (int, float)):
+            self.alpha = None if alpha is None else float(alpha)
+        else:
+            self.alpha = torch.as_tensor(alpha)
         self.use_softmax = use_softmax
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

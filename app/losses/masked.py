@@ -48,7 +48,9 @@ def _plain(x: torch.Tensor | None) -> torch.Tensor | None:
     return x
 
 
-def labelled_mask(target: torch.Tensor, mask: torch.Tensor | None = None, ignore_value: int | None = None) -> torch.Tensor:
+def labelled_mask(
+    target: torch.Tensor, mask: torch.Tensor | None = None, ignore_value: int | None = None
+) -> torch.Tensor:
     """Boolean ``(B, 1, *spatial)`` map of labelled voxels: ``mask != 0`` AND ``target != ignore_value``.
 
     For a multi-channel target a voxel is ignored when any channel holds ``ignore_value``.

@@ -11,7 +11,6 @@ file name (or of the label's bytes when it has none); see :func:`case_seed`.
 
 from __future__ import annotations
 
-import logging
 import os
 import zlib
 from typing import Hashable, Mapping, NamedTuple, Sequence
@@ -24,8 +23,6 @@ from monai.utils import convert_to_dst_type
 from scipy import ndimage
 
 from app.errors import InputError
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "case_seed",
@@ -314,7 +311,9 @@ class _SparseBase(Randomizable, MapTransform):
             lab = d[key]
             arr = np.asarray(lab.detach().cpu() if isinstance(lab, torch.Tensor) else lab)
             if arr.ndim < 2 or arr.shape[0] != 1:
-                raise InputError(f"{type(self).__name__}: {key!r} must be channel-first with one channel, got {arr.shape}")
+                raise InputError(
+                    f"{type(self).__name__}: {key!r} must be channel-first with one channel, got {arr.shape}"
+                )
             out = self._apply(arr[0], self._generator(d, lab, arr))[None]
             if isinstance(lab, torch.Tensor):  # keep the tensor's dtype when it can hold the output
                 dtype = lab.dtype if out.dtype == arr.dtype else torch.int32
