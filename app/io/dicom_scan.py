@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,11 +170,19 @@ def _iter_files(root: Path):
 def _read_header(path: Path) -> tuple[Dataset | None, str]:
     """(header, '') or (None, why it was skipped)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+        # pydicom only warns when a file ends inside an element: catch that as truncation.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
     except InvalidDicomError:
         return None, "not a DICOM file (no DICM prefix)"
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
         return None, f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower() or "EOF" in str(w.message)]
+    if eof:
+        return None, "unreadable DICOM header (file truncated: ends inside an element)"
+    if "Modality" not in ds and "Rows" not in ds and "SOPClassUID" not in ds:
+        return None, f"unreadable DICOM header (truncated or damaged: only {len(ds)} data elements)"
     meta = getattr(ds, "file_meta", None)
     if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY_SOP_CLASS:
         return None, "DICOMDIR (media directory), not an image"

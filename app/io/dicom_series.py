@@ -278,7 +278,8 @@ def _decode(file: str, slices: list[_Slice], ks: list[int], out: np.ndarray) -> 
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, ...
-        raise DicomError(f"cannot decode pixel data ({ts.name}, {ts}): {type(exc).__name__}: {exc}",
+        hint = " (file truncated?)" if "less than expected" in str(exc) else ""
+        raise DicomError(f"cannot decode pixel data{hint} ({ts.name}, {ts}): {type(exc).__name__}: {exc}",
                          path=file) from exc
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1:
