@@ -33,7 +33,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
 from pydicom.uid import UID
 
 from app.errors import DicomError
@@ -171,12 +171,12 @@ def _check_and_sort(slices: list[_Slice], slice_tolerance: float, split_note: st
             raise DicomError(f"mixed image orientations in one series: this plane is {angle:.2f} deg from "
                              f"that of {_where(ref)}", path=_where(s))
         if not np.allclose(s.pixel_spacing, ref.pixel_spacing, rtol=1e-4, atol=1e-6):
-            raise DicomError(f"inconsistent PixelSpacing in one series: {list(s.pixel_spacing)} mm here, "
-                             f"{list(ref.pixel_spacing)} mm in {_where(ref)}", path=_where(s))
+            raise DicomError(f"inconsistent PixelSpacing in one series: {s.pixel_spacing.tolist()} mm here, "
+                             f"{ref.pixel_spacing.tolist()} mm in {_where(ref)}", path=_where(s))
     row, col = ref.iop[:3], ref.iop[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(np.dot(row, col)) > 1e-2:
-        raise DicomError(f"ImageOrientationPatient {list(ref.iop)} is not two orthogonal unit vectors",
+        raise DicomError(f"ImageOrientationPatient {ref.iop.tolist()} is not two orthogonal unit vectors",
                          path=_where(ref))
     normal /= np.linalg.norm(normal)
     for s in slices:
@@ -259,6 +259,30 @@ def _check_transfer_syntax(file: str, ds: Dataset) -> None:
                          path=file)
 
 
+# Plugin order for compressed syntaxes. GDCM comes last and only when nothing else is installed for
+# the syntax: on corrupt JPEG 2000 data it aborts the whole process (uncaught C++ exception) instead of
+# raising, so it must never be the fallback after another plugin failed.
+_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
+
+
+def _pixel_array(file: str, ds: Dataset, ts: UID) -> np.ndarray:
+    decoder = get_decoder(ts)
+    if decoder.is_native:
+        plugins: list[str] = [""]
+    else:
+        available = set(decoder.available_plugins)
+        plugins = [p for p in _PLUGIN_ORDER if p in available] or [p for p in available if p == "gdcm"]
+    errors = []
+    for plugin in plugins:
+        try:
+            return pixel_array(ds, decoding_plugin=plugin)
+        except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, ...
+            errors.append(f"{plugin + ': ' if plugin else ''}{type(exc).__name__}: {exc}".replace("\n", " "))
+    hint = " (file truncated?)" if any("less than expected" in e for e in errors) else ""
+    raise DicomError(f"cannot decode pixel data{hint} ({ts.name}, {ts}): {'; '.join(errors) or 'no decoder'}",
+                     path=file)
+
+
 def _decode(file: str, slices: list[_Slice], ks: list[int], out: np.ndarray) -> None:
     """Decode ``file`` and write its frames ``slices`` to ``out[ks]`` ([k, j, i], float32)."""
     header = slices[0].header
@@ -275,12 +299,7 @@ def _decode(file: str, slices: list[_Slice], ks: list[int], out: np.ndarray) -> 
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomError(f"PhotometricInterpretation {photometric}: only greyscale (MONOCHROME1/2) images "
                          "can be segmented", path=file)
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, ...
-        hint = " (file truncated?)" if "less than expected" in str(exc) else ""
-        raise DicomError(f"cannot decode pixel data{hint} ({ts.name}, {ts}): {type(exc).__name__}: {exc}",
-                         path=file) from exc
+    arr = _pixel_array(file, ds, ts)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1:
         arr = arr[None]
