@@ -178,16 +178,16 @@ def _read_header(path: Path) -> tuple[Dataset | None, str]:
         return None, "not a DICOM file (no DICM prefix)"
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
         return None, f"unreadable DICOM header ({type(exc).__name__}: {exc})"
-    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower() or "EOF" in str(w.message)]
-    if eof:
-        return None, "unreadable DICOM header (file truncated: ends inside an element)"
-    if "Modality" not in ds and "Rows" not in ds and "SOPClassUID" not in ds:
-        return None, f"unreadable DICOM header (truncated or damaged: only {len(ds)} data elements)"
     meta = getattr(ds, "file_meta", None)
     if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY_SOP_CLASS:
         return None, "DICOMDIR (media directory), not an image"
     if "DirectoryRecordSequence" in ds:
         return None, "DICOMDIR (media directory), not an image"
+    eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower() or "EOF" in str(w.message)]
+    if eof:
+        return None, "unreadable DICOM header (file truncated: ends inside an element)"
+    if "Modality" not in ds and "Rows" not in ds and "SOPClassUID" not in ds:
+        return None, f"unreadable DICOM header (truncated or damaged: only {len(ds)} data elements)"
     return ds, ""
 
 
