@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -18,7 +19,7 @@ from monai.utils.enums import CommonKeys
 
 from app.engine.prepare_batch import AugmentPrepareBatch
 from app.errors import ConfigError, InputError
-from app.transforms.batch_augment import BatchAugment, monai_elastic_rms
+from app.transforms.batch_augment import BatchAugment, BatchAugmentd, monai_elastic_rms
 
 SHAPE = (40, 44, 36)
 
@@ -35,13 +36,16 @@ FULL = dict(
 )
 
 
-def phantom(batch: int = 4, shape=SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smooth, asymmetric image (three Gaussian blobs of different sizes) and its threshold as label."""
+def phantom(batch: int = 4, shape=SHAPE, zoom: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth, asymmetric image (three Gaussian blobs of different sizes) and its threshold as label.
+
+    ``zoom`` scales the blobs and their positions (``shape`` should scale with it).
+    """
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
     img = torch.zeros(shape)
     for centre, s, amp in (((14, 16, 14), 7.0, 1.0), ((28, 30, 22), 5.0, 0.9), ((26, 12, 26), 4.0, 0.8)):
-        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
-        img = img + amp * torch.exp(-r2 / (2 * s * s))
+        r2 = sum((g - c * zoom) ** 2 for g, c in zip(grids, centre))
+        img = img + amp * torch.exp(-r2 / (2 * (s * zoom) ** 2))
     image = img.expand(batch, 1, *shape).clone()
     return image, (image > 0.5).to(torch.int64)
 
@@ -54,14 +58,22 @@ def dice(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------ geometry and alignment
 
 
-def test_label_follows_image_through_elastic_affine_flip():
-    image, label = phantom()
-    aug = BatchAugment(**FULL, seed=1)
+@pytest.mark.parametrize("zoom", [1.0, 2.0])
+def test_label_follows_image_through_elastic_affine_flip(zoom):
+    image, label = phantom(shape=tuple(int(s * zoom) for s in SHAPE), zoom=zoom)
+    aug = BatchAugment(**dict(FULL, magnitude_range=(1.5 * zoom, 2.5 * zoom), translate_range=3 * zoom), seed=1)
     out, lab, _ = aug(image, label)
     assert out.shape == image.shape and lab.shape == label.shape and lab.dtype == torch.int64
     for b in range(image.shape[0]):
-        # nearest-resampled label vs threshold of the trilinear-resampled image: differ only at edges
-        assert dice(lab[b], out[b] > 0.5) >= 0.97, b
+        # nearest-resampled label vs threshold of the trilinear-resampled image: they may differ only
+        # within 1 voxel of the label's boundary (nearest rounds, the threshold is sub-voxel)...
+        thr, lb = (out[b, 0] > 0.5).numpy(), lab[b, 0].numpy().astype(bool)
+        cube = ndimage.generate_binary_structure(3, 3)  # "within 1 voxel", diagonals included
+        edge = ndimage.binary_dilation(lb, cube) & ~ndimage.binary_erosion(lb, cube)
+        assert not ((thr != lb) & ~edge).any(), b
+        # ...which for these object sizes (radius ~8 / ~16 voxels) leaves Dice ~0.95 / ~0.97
+        # (a pure half-voxel shift alone gives 0.947 at zoom 1)
+        assert dice(lab[b], out[b] > 0.5) >= (0.93 if zoom == 1.0 else 0.96), b
         # and the sample really moved
         assert dice(lab[b], label[b]) < 0.95, b
 
@@ -102,7 +114,7 @@ def test_integer_translation_and_label_pad_value():
     assert torch.equal(lab[:, :, :-5], label[:, :, 5:])
     assert bool((lab[:, :, -5:] == 255).all())
     assert torch.allclose(out[:, :, :-5], image[:, :, 5:], atol=1e-5)
-    assert bool((out[:, :, -5:] == 0).all())
+    assert float(out[:, :, -5:].abs().max()) < 1e-5  # zeros padding (float32 rounding at the edge)
 
 
 def test_label_values_never_created_and_ignore_kept():
@@ -350,6 +362,7 @@ def test_prepare_batch_inside_supervised_trainer():
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         prepare_batch=AugmentPrepareBatch(BatchAugment(**FULL, prob_noise=1.0, seed=0)),
         amp=False,
+        decollate=False,
     )
 
     @trainer.on(IterationEvents.FORWARD_COMPLETED)
@@ -364,3 +377,29 @@ def test_prepare_batch_inside_supervised_trainer():
         assert img.shape == image.shape and not torch.equal(img, image) and not torch.equal(lab, label)
     assert not torch.equal(seen[0][0], seen[1][0])  # fresh draw each iteration
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_dictionary_wrapper_matches_array_transform():
+    image, label = phantom(batch=2)
+    mask = torch.ones_like(label, dtype=torch.uint8)
+    ref = BatchAugment(**FULL, seed=6)(image, label, {"mask": mask})
+    tf = BatchAugmentd(extra_keys=("mask",), **FULL).set_random_state(6)
+    out = tf({"image": image, "label": label, "mask": mask, "name": "case"})
+    assert torch.equal(out["image"], ref[0]) and torch.equal(out["label"], ref[1])
+    assert torch.equal(out["mask"], ref[2]["mask"]) and out["name"] == "case"
+    with pytest.raises(KeyError, match="mask"):
+        tf({"image": image, "label": label})
+
+
+def test_builds_from_a_bundle_config():
+    from monai.bundle import ConfigParser
+
+    cfg = {
+        "prepare_batch": {
+            "_target_": "app.engine.prepare_batch.AugmentPrepareBatch",
+            "augment": {"_target_": "app.transforms.batch_augment.BatchAugment", "prob_elastic": 0.2, "rotate_range": [0.2, 0.2, 0.2], "seed": 0},
+        }
+    }
+    prep = ConfigParser(cfg).get_parsed_content("prepare_batch")
+    assert isinstance(prep, AugmentPrepareBatch) and prep.augment.prob_elastic == 0.2
+    assert prep.augment.rotate_range == ((-0.2, 0.2),) * 3
