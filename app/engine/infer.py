@@ -22,6 +22,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from app.engine.checkpoint import load_network_weights
 from app.io.nifti import load_nifti, save_labels_nifti
+from app.transforms.load import LoadCased
 from app.transforms.resample import is_identity, resample_to_grid
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class BundlePredictor:
                  checkpoint: str | None = None, image_key: str = "image"):
         self.network = network.eval()
         transforms = list(preprocessing.transforms if isinstance(preprocessing, Compose) else preprocessing)
-        self.loaders = [t for t in transforms if isinstance(t, (LoadImaged, EnsureChannelFirstd))]
+        self.loaders = [t for t in transforms if isinstance(t, (LoadImaged, EnsureChannelFirstd, LoadCased))]
         self.core = Compose([t for t in transforms if t not in self.loaders], map_items=False)
         for t in self.core.transforms:  # label keys may be configured for training: not needed here
             if hasattr(t, "allow_missing_keys"):
