@@ -92,3 +92,14 @@ def test_infer_send_to_orthanc_and_find_seg_by_qido(orthanc, tmp_path, threshold
     assert ref.SeriesInstanceUID == info.series_uid
     assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == \
         {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in info.files}
+
+
+def test_seg2nifti_cli_reads_dcmqi_liver_on_its_source_grid(shared_data, tmp_path):
+    root = shared_data / "dicom_seg_refs" / "dcmqi" / "data" / "segmentations"
+    out = tmp_path / "liver.nii.gz"
+    assert main(["seg2nifti", str(root / "liver.dcm"), "--reference", str(root / "ct-3slice"), "--output", str(out)]) == 0
+    img = nib.load(str(out))
+    volume = read_series(root / "ct-3slice")
+    assert img.shape == volume.shape
+    np.testing.assert_allclose(img.affine, volume.affine_ras, atol=1e-4)
+    assert int((np.asarray(img.dataobj) > 0).sum()) == 107098  # dcmqi's liver_seg.nrrd voxel count
