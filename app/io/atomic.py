@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``final_path``; rename it over ``final_path`` on success.
@@ -24,6 +30,7 @@ def atomic_path(final_path: str | os.PathLike, suffix: str | None = None) -> Ite
     fd, tmp = tempfile.mkstemp(prefix=f".{final_path.stem}.", suffix=f".tmp{suffix}", dir=final_path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should get the usual mode
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
