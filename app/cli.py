@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -57,7 +58,8 @@ def cmd_train(a) -> int:
         return launch_torchrun(sys.argv[1:], a.nproc)
     res = train(a.bundle, a.manifest, a.fold, a.epochs, a.device, a.out, a.resume, a.tracking_uri, a.seed,
                 extra_configs=a.config or (), overrides=overrides)
-    _report_training(res)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        _report_training(res)
     return 0
 
 
@@ -91,6 +93,21 @@ def cmd_infer(a) -> int:
     for o in outputs:
         print(o)
     return 0
+
+
+def cmd_infer_batch(a) -> int:
+    from app.engine.batch_infer import infer_batch
+
+    res = infer_batch(a.bundle, a.input, a.output, a.nproc, a.checkpoint, a.device, a.format, a.config or (),
+                      json.loads(a.override) if a.override else None, a.send or (), a.allow_generated_uids,
+                      a.retry_failed)
+    for row in res["series"]:
+        if row["status"] == "failed":
+            print(f"failed  {row['key']}  {row['input']}: {row['error']}", file=sys.stderr)
+    c = res["counts"]
+    print(f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped in {res['seconds']:.1f} s; "
+          f"table: {a.output}/results.csv")
+    return 1 if c["failed"] else 0
 
 
 def cmd_seg2nifti(a) -> int:
@@ -177,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source series with blank Study/Series/FrameOfReference UIDs: derive stable ones instead of refusing")
     i.add_argument("--override")
     i.set_defaults(func=cmd_infer)
+
+    ib = sub.add_parser("infer-batch", help="segment every series under a folder (or of a manifest) in N processes")
+    ib.add_argument("bundle")
+    ib.add_argument("--input", required=True, help="folder of DICOM series and/or NIfTI files (recursive), or a manifest JSON")
+    ib.add_argument("--output", required=True, help="output folder: one subfolder per series, results.csv/json")
+    ib.add_argument("--nproc", type=int, default=1, help="worker processes (one model each; GPUs round robin)")
+    ib.add_argument("--checkpoint")
+    ib.add_argument("--device", default="auto")
+    ib.add_argument("--format", default=None, help="comma list of nifti,seg,rtstruct for DICOM series (default nifti,seg)")
+    ib.add_argument("--send", action="append", help="dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT (repeatable)")
+    ib.add_argument("--config", action="append", help="extra config merged over the bundle's")
+    ib.add_argument("--override")
+    ib.add_argument("--allow-generated-uids", action="store_true")
+    ib.add_argument("--retry-failed", action="store_true", help="run again series that failed last time")
+    ib.set_defaults(func=cmd_infer_batch)
 
     s = sub.add_parser("seg2nifti", help="read a DICOM SEG onto its source series' grid, write NIfTI")
     s.add_argument("seg")

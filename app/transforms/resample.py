@@ -1,9 +1,19 @@
 """Resample a channel-first volume from one voxel grid to another, given both affines.
 
-Used to put predictions back on the exact source grid: for every *target* voxel we compute where it
-lies in the *source* grid (``inv(affine_src) @ affine_dst``) and interpolate there, in one
-``grid_sample`` pass on whatever device the data is on. Both affines must be in the same world frame
-(both RAS or both LPS); the frame cancels out.
+Used to put predictions back on the exact source grid and to move an image onto the network grid:
+for every *target* voxel we compute where it lies in the *source* grid (``inv(affine_src) @
+affine_dst``) and interpolate there, on whatever device the data is on. Both affines must be in the
+same world frame (both RAS or both LPS); the frame cancels out.
+
+Two implementations give the same trilinear (``align_corners=True`` voxel-centre) interpolation:
+
+* ``grid_sample``: any affine (oblique included), one sampling grid per slab of target slices.
+* ``separable``: when each target axis maps to exactly one source axis (permutations, flips,
+  scalings, shifts: the common case of axial series and RAS network grids), three 1-D linear
+  interpolations (gather + lerp); no sampling grid, much faster and lighter on memory.
+
+:func:`resample_argmax` fuses resampling of class probabilities with the argmax per slab, so the
+full ``C x I x J x K`` tensor on the target grid is never held.
 """
 
 from __future__ import annotations
@@ -14,15 +24,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+METHODS = ("auto", "grid_sample", "separable")
+
 
 def target_to_source_voxel(affine_src: np.ndarray, affine_dst: np.ndarray) -> np.ndarray:
     """4x4 map from target voxel indices to source voxel indices."""
     return np.linalg.inv(np.asarray(affine_src, np.float64)) @ np.asarray(affine_dst, np.float64)
 
 
+def axis_aligned(m: np.ndarray, atol: float = 1e-6) -> list[int] | None:
+    """For a target->source voxel map ``m``: ``perm`` with target axis ``t`` reading source axis
+    ``perm[t]`` when every target axis maps to exactly one source axis, else ``None`` (oblique)."""
+    a = np.abs(np.asarray(m, np.float64)[:3, :3])
+    big = a > atol * max(1.0, a.max())
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return None
+    return [int(np.argmax(big[:, t])) for t in range(3)]
+
+
 def _grid(m: np.ndarray, src_shape: Sequence[int], dst_shape: Sequence[int], k0: int, k1: int,
           device: torch.device) -> torch.Tensor:
-    """Normalised sampling grid (1, K, J, I, 3) for target slices k0:k1, in grid_sample's (x=z-last) order."""
+    """Normalised sampling grid (1, I, J, k1-k0, 3) for target slices k0:k1, in grid_sample's (x=z-last) order."""
     m_t = torch.as_tensor(m, dtype=torch.float64, device=device)
     i = torch.arange(dst_shape[0], dtype=torch.float64, device=device)
     j = torch.arange(dst_shape[1], dtype=torch.float64, device=device)
@@ -36,9 +58,57 @@ def _grid(m: np.ndarray, src_shape: Sequence[int], dst_shape: Sequence[int], k0:
     return norm.flip(-1).unsqueeze(0).float()
 
 
+def _interp_axis(x: torch.Tensor, dim: int, coords: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """1-D interpolation of ``x`` along ``dim`` at fractional source ``coords`` (float64, 1-D)."""
+    n = x.shape[dim]
+    if padding_mode == "border":
+        coords = coords.clamp(0, n - 1)
+    elif padding_mode == "reflection":  # align_corners=True reflection about the end voxel centres
+        if n == 1:
+            coords = torch.zeros_like(coords)
+        else:
+            period = 2 * (n - 1)
+            coords = coords.abs() % period
+            coords = torch.where(coords > n - 1, period - coords, coords)
+    elif padding_mode != "zeros":
+        raise ValueError(f"unknown padding_mode {padding_mode!r}")
+    view = [1] * x.ndim
+    view[dim] = -1
+    if mode == "nearest":
+        idx = torch.round(coords)  # half to even, as grid_sample
+        valid = (idx >= 0) & (idx <= n - 1)
+        out = x.index_select(dim, idx.clamp(0, n - 1).long())
+        if not bool(valid.all()):
+            out = out * valid.to(x.dtype).view(view)
+        return out
+    lo = torch.floor(coords)
+    w = (coords - lo).to(x.dtype)
+    lo_valid = ((lo >= 0) & (lo <= n - 1)).to(x.dtype)
+    hi_valid = ((lo + 1 >= 0) & (lo + 1 <= n - 1)).to(x.dtype)
+    w_lo = ((1 - w) * lo_valid).view(view)
+    w_hi = (w * hi_valid).view(view)
+    out = x.index_select(dim, lo.clamp(0, n - 1).long()) * w_lo
+    out += x.index_select(dim, (lo + 1).clamp(0, n - 1).long()) * w_hi
+    return out
+
+
+def _separable(work: torch.Tensor, m: np.ndarray, perm: list[int], dst_shape: Sequence[int], mode: str,
+               padding_mode: str) -> torch.Tensor:
+    """(C, *src) -> (C, *dst_shape) by three 1-D interpolations; shrinking axes first to keep it small."""
+    out = work
+    order = sorted(range(3), key=lambda t: dst_shape[t] / max(1, work.shape[1 + perm[t]]))
+    for t in order:
+        a = perm[t]
+        idx = torch.arange(dst_shape[t], dtype=torch.float64, device=work.device)
+        coords = idx * float(m[a, t]) + float(m[a, 3])
+        out = _interp_axis(out, 1 + a, coords, mode, padding_mode)
+    # out has source axis order with target sizes; target axis t is source axis perm[t]
+    return out.permute(0, *[1 + perm[t] for t in range(3)])
+
+
 def resample_to_grid(data: torch.Tensor, affine_src: np.ndarray, affine_dst: np.ndarray,
                      dst_shape: Sequence[int], mode: str = "bilinear", padding_mode: str = "zeros",
-                     slab: int | None = None) -> torch.Tensor:
+                     slab: int | None = None, method: str = "auto") -> torch.Tensor:
     """Resample ``data`` (C, I, J, K) on ``affine_src`` onto the grid (``affine_dst``, ``dst_shape``).
 
     Args:
@@ -49,23 +119,98 @@ def resample_to_grid(data: torch.Tensor, affine_src: np.ndarray, affine_dst: np.
         mode: ``bilinear`` (trilinear in 3D) for images/probabilities, ``nearest`` for labels.
         padding_mode: value outside the source field: ``zeros`` | ``border`` | ``reflection``.
         slab: process this many target slices (along K) at a time to bound memory (None: all).
+        method: ``auto`` (separable when the grids are axis-aligned, else grid_sample) |
+            ``grid_sample`` | ``separable`` (raises for oblique grids).
 
     Returns:
         (C, *dst_shape) tensor on ``data``'s device and dtype.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     m = target_to_source_voxel(affine_src, affine_dst)
     dst_shape = tuple(int(s) for s in dst_shape)
-    src = data.unsqueeze(0)
-    work = src if src.is_floating_point() else src.float()
-    slab = slab or dst_shape[2]
+    perm = axis_aligned(m) if method != "grid_sample" else None
+    if method == "separable" and perm is None:
+        raise ValueError("separable resampling needs axis-aligned grids")
     out = torch.empty((data.shape[0], *dst_shape), dtype=data.dtype, device=data.device)
+    slab = slab or dst_shape[2]
     for k0 in range(0, dst_shape[2], slab):
         k1 = min(k0 + slab, dst_shape[2])
-        grid = _grid(m, data.shape[1:], dst_shape, k0, k1, data.device).to(work.dtype if work.dtype != torch.float16 else torch.float32)
-        # grid_sample wants (N, C, D, H, W) with the grid indexed (N, D', H', W', 3): use (I, J, K) as (D, H, W)
-        res = F.grid_sample(work.float() if work.dtype == torch.float16 else work, grid,
-                            mode=mode, padding_mode=padding_mode, align_corners=True)
-        out[:, :, :, k0:k1] = res[0].to(data.dtype)
+        out[:, :, :, k0:k1] = _resample_slab(data, m, perm, dst_shape, k0, k1, mode, padding_mode).to(data.dtype)
+    return out
+
+
+def _resample_slab(data: torch.Tensor, m: np.ndarray, perm: list[int] | None, dst_shape: Sequence[int], k0: int,
+                   k1: int, mode: str, padding_mode: str) -> torch.Tensor:
+    """Target slices ``k0:k1`` as a float tensor (C, I, J, k1-k0) (float32 for half/integer inputs)."""
+    src = data if data.dtype in (torch.float32, torch.float64) else None
+    if perm is not None:
+        # only the source slices that target slices k0:k1 read along the source axis perm[2]
+        a = perm[2]
+        c0, c1 = sorted((k0 * m[a, 2] + m[a, 3], (k1 - 1) * m[a, 2] + m[a, 3]))
+        n = data.shape[1 + a]
+        lo = int(min(max(np.floor(c0), 0), n - 1))
+        hi = int(min(max(np.floor(c1) + 2, lo + 1), n))  # clamping/zero padding see the same ends as in full
+        if padding_mode == "reflection":
+            lo, hi = 0, n
+        part = data.narrow(1 + a, lo, hi - lo)
+        part = part if src is not None else part.float()
+        shift = np.eye(4)
+        shift[:3, 3] = [0, 0, k0]
+        m_part = m @ shift
+        m_part[a, 3] -= lo
+        return _separable(part, m_part, perm, (dst_shape[0], dst_shape[1], k1 - k0), mode, padding_mode)
+    work = (src if src is not None else data.float()).unsqueeze(0)
+    grid = _grid(m, data.shape[1:], dst_shape, k0, k1, data.device).to(work.dtype)
+    # grid_sample wants (N, C, D, H, W) with the grid indexed (N, D', H', W', 3): use (I, J, K) as (D, H, W)
+    return F.grid_sample(work, grid, mode=mode, padding_mode=padding_mode, align_corners=True)[0]
+
+
+def channel_argmax(x: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """``argmax`` over dim 0 (first maximum wins, as ``torch.argmax``) by one elementwise pass per class.
+
+    ``torch.argmax(x, 0)`` reduces over the outermost, strided dimension and is an order of magnitude
+    slower on CPU for large volumes.
+    """
+    best = x[0].clone()
+    labels = torch.zeros(x.shape[1:], dtype=dtype, device=x.device)
+    for c in range(1, x.shape[0]):
+        better = x[c] > best
+        labels.masked_fill_(better, c)
+        torch.maximum(best, x[c], out=best)
+    return labels
+
+
+def resample_argmax(probs: torch.Tensor, affine_src: np.ndarray, affine_dst: np.ndarray, dst_shape: Sequence[int],
+                    slab: int | None = None, max_slab_bytes: int = 256 * 2**20, method: str = "auto") -> torch.Tensor:
+    """Labels ``argmax_c`` of the trilinearly resampled class scores, computed slab by slab.
+
+    Equals ``resample_to_grid(probs, ...).argmax(0)`` without holding the resampled ``C x I x J x K``
+    tensor: each slab of target slices is interpolated (float32) and reduced to uint8 at once.
+
+    Args:
+        probs: (C, *src_shape) class probabilities (any float dtype) on any device.
+        affine_src, affine_dst, dst_shape: as in :func:`resample_to_grid`.
+        slab: target slices per step; default: as many as fit in ``max_slab_bytes`` (float32).
+        method: as in :func:`resample_to_grid`.
+
+    Returns:
+        uint8 (or int64 when C > 256) labels ``(I, J, K)`` on ``probs``' device.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    m = target_to_source_voxel(affine_src, affine_dst)
+    dst_shape = tuple(int(s) for s in dst_shape)
+    perm = axis_aligned(m) if method != "grid_sample" else None
+    if method == "separable" and perm is None:
+        raise ValueError("separable resampling needs axis-aligned grids")
+    per_slice = probs.shape[0] * dst_shape[0] * dst_shape[1] * 4 * (2 if perm is None else 3)
+    slab = int(slab or max(1, min(dst_shape[2], max_slab_bytes // max(1, per_slice))))
+    out = torch.empty(dst_shape, dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int64, device=probs.device)
+    for k0 in range(0, dst_shape[2], slab):
+        k1 = min(k0 + slab, dst_shape[2])
+        res = _resample_slab(probs, m, perm, dst_shape, k0, k1, "bilinear", "zeros")
+        out[:, :, k0:k1] = channel_argmax(res, out.dtype)
     return out
 
 
