@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The project's shared real data (read-only), next to the repository; SEGAPP_SHARED_DATA overrides.
+SHARED_DATA = Path(os.environ.get("SEGAPP_SHARED_DATA", REPO.parent / "shared" / "data"))
 SAMPLE_MANIFEST = REPO / "sample_data" / "hippocampus" / "manifest.json"
 
 # A network and data budget small enough for a few seconds per epoch on 2 CPU cores.

@@ -149,8 +149,8 @@ def test_sparse_training_batches_are_mostly_unlabelled_with_labelled_planes():
     for ax in range(3):
         others = tuple(d + 1 for d in range(3) if d != ax)
         full_planes = labelled.all(dim=others).sum(dim=-1)  # per item
-        # a random crop may cut a plane away, never add one
-        assert bool((full_planes >= 1).all()) and bool((full_planes <= per_axis[ax]).all()), (ax, full_planes)
+        # a random crop may cut a plane away (so a patch can have none on an axis), never add one
+        assert bool((full_planes <= per_axis[ax]).all()), (ax, full_planes)
     # every labelled voxel lies on a fully labelled plane
     on_plane = torch.zeros_like(labelled)
     for ax in range(3):

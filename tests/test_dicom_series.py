@@ -29,8 +29,9 @@ from app.io.dicom_series import (
 )
 from app.io.geometry import voxel_to_world, world_to_voxel
 from dicom_phantoms import orientation_cosines, write_enhanced_multiframe, write_phantom_series
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 
 ORIENTATIONS = [
     "axial",

@@ -21,9 +21,10 @@ from app.data.manifest import (
     validate_manifest,
 )
 from app.errors import ConfigError, InputError, ManifestError
+from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = SHARED_DATA
 SAMPLE = REPO / "sample_data" / "hippocampus"
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 CASES = ["hippocampus_003", "hippocampus_004", "hippocampus_006"]

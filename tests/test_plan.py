@@ -15,8 +15,9 @@ from app.data.manifest import create_manifest
 from app.errors import ConfigError, InputError
 from app.plan import compute_fingerprint, load_plan, make_plan, plan_from_manifest, write_plan
 from app.transforms.intensity import NormalizeFromPlan
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 TOTALSEG = DATA / "totalseg_example"
 HIPPO = DATA / "msd_hippocampus"
 

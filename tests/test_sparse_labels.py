@@ -10,6 +10,7 @@ import torch
 from monai.data import MetaTensor
 
 from app.transforms.sparse_labels import (
+from conftest import SHARED_DATA
     Scribblesd,
     SparseSlicesd,
     case_seed,
@@ -143,7 +144,7 @@ def test_dictionary_transforms_are_per_case_deterministic():
     assert torch.equal(sa, sb) and (sa != IGN).any() and (sa == IGN).any()
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus" / "labelsTr"
+DATA = SHARED_DATA / "msd_hippocampus" / "labelsTr"
 
 
 def test_real_hippocampus_labels():
