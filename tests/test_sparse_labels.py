@@ -10,7 +10,6 @@ import torch
 from monai.data import MetaTensor
 
 from app.transforms.sparse_labels import (
-from conftest import SHARED_DATA
     Scribblesd,
     SparseSlicesd,
     case_seed,
@@ -19,6 +18,7 @@ from conftest import SHARED_DATA
     scribbles,
     sparsify_slices,
 )
+from conftest import SHARED_DATA
 
 IGN = 255
 
