@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from app.cli import main
-from app.engine.tracking import file_sha256
+from app.engine.tracking import MLflowTracker, file_sha256
 from app.engine.train import train
 from conftest import REPO, SAMPLE_MANIFEST, TINY
 
@@ -174,3 +174,24 @@ def test_cli_errors_are_one_line_and_leave_no_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.json" in err and "checksum" in err.lower()
     assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+
+def test_resume_logs_the_epochs_a_killed_run_checkpointed_but_did_not_log(tmp_path):
+    from ignite.engine import Engine
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first = MLflowTracker(str(out), run_name="t")
+    engine = Engine(lambda e, b: None)
+    first.start(engine)
+    first.client.log_metric(first.run_id, "train_loss", 0.9, step=1)
+    # the checkpointer wrote epoch 2, then the process was killed before the tracker logged it
+    history = [{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.7, "val_mean_dice": 0.5}]
+    (out / "metrics.json").write_text(json.dumps({"history": history}))
+    resumed = MLflowTracker(str(out), run_name="t", resume=True)
+    engine.state.epoch = 2  # restored from checkpoints/last.pt
+    resumed.start(engine)
+    assert resumed.run_id == first.run_id
+    client = resumed.client
+    assert {m.step: m.value for m in client.get_metric_history(first.run_id, "train_loss")} == {1: 0.9, 2: 0.7}
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "val_mean_dice")] == [(2, 0.5)]

@@ -111,6 +111,7 @@ class MLflowTracker:
                 self.run_id = info["run_id"]
                 self.client.update_run(self.run_id, status="RUNNING")
                 log.info("MLflow: continuing run %s", self.run_id)
+                self._backfill(engine.state.epoch)
         if self.run_id is None:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is not None:
@@ -133,6 +134,21 @@ class MLflowTracker:
                                                     "experiment": self.experiment_name, "run_name": name}))
             log.info("MLflow: run %s (%s) in %s", name, self.run_id, self.tracking_uri)
 
+    def _backfill(self, done_epochs: int) -> None:
+        """Log the epochs a killed run checkpointed but did not get to log (the checkpoint is written
+        first), from the checkpointer's ``metrics.json`` history."""
+        path = self.output_dir / "metrics.json"
+        if not path.is_file():
+            return
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
+        for entry in json.loads(path.read_text()).get("history", []):
+            step = int(entry["epoch"])
+            if step <= done_epochs and step not in logged:
+                for k, v in entry.items():
+                    if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                        self.client.log_metric(self.run_id, k, float(v), step=step)
+                log.info("MLflow: logged epoch %d from the checkpoint history", step)
+
     def _epoch_started(self, engine: Engine) -> None:
         self._loss_sum, self._loss_n, self._samples = 0.0, 0, 0
         self._epoch_t0 = time.perf_counter()
@@ -144,13 +160,13 @@ class MLflowTracker:
         if loss is not None:
             self._loss_sum += float(loss)
             self._loss_n += 1
+            # in the engine's metrics, so the checkpoint's history keeps it for a back-fill after a kill
+            engine.state.metrics["train_loss"] = self._loss_sum / self._loss_n
         self._samples += len(items)
 
     def log_epoch(self, engine: Engine) -> None:
         step = engine.state.epoch
         metrics: dict[str, float] = {}
-        if self._loss_n:
-            metrics["train_loss"] = self._loss_sum / self._loss_n
         dt = time.perf_counter() - self._epoch_t0
         if dt > 0 and self._samples:
             metrics["train_samples_per_s"] = self._samples / dt
