@@ -29,7 +29,7 @@ from app.engine.stitching import (
     target_span,
 )
 from app.io.dicom_series import read_series
-from app.transforms.resample import channel_argmax, resample_to_grid
+from app.transforms.resample import cell_argmax_slab, channel_argmax, resample_to_grid, target_to_source_voxel
 from dicom_phantoms import write_phantom_series
 
 GB = 1e9
@@ -116,6 +116,27 @@ def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes)
     assert (labels == ref).float().mean() > 0.9999
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_boundary_only_argmax_equals_dense_interpolation(flip):
+    """cell_argmax_slab: labels from the source argmax where a cell's 8 corners agree, interpolation
+    elsewhere; equal to interpolating every class everywhere (zero padding outside, ties to the first)."""
+    torch.manual_seed(1)
+    logits = torch.nn.functional.avg_pool3d(torch.randn(1, 4, 30, 26, 22) * 6, 5, 1, 2)[0]
+    probs = torch.softmax(logits, 0)
+    probs[:, :8, :8, :] = 0.25  # a tied region: class 0 must win there
+    affine_src = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine_dst = np.array([[0, -0.7, 0, 40], [0.8, 0, 0, -6], [0, 0, -1.1, 36], [0, 0, 0, 1.0]]) if flip else \
+        np.diag([0.7, 0.6, 1.0, 1.0]) @ np.array([[1, 0, 0, -3], [0, 1, 0, -2], [0, 0, 1, -1], [0, 0, 0, 1.0]])
+    dst = (72, 66, 40)  # reaches past the source field: zero padding there
+    # separable: the same float64 source coordinates (grid_sample's float32 ones break the exact ties
+    # of the tied block differently on its border)
+    ref = channel_argmax(resample_to_grid(probs, affine_src, affine_dst, dst, method="separable"))
+    m = target_to_source_voxel(affine_src, affine_dst)
+    ours = torch.cat([cell_argmax_slab(probs, m, dst, k0, min(k0 + 9, dst[2])) for k0 in range(0, dst[2], 9)], dim=2)
+    assert (ours != ref).sum() <= 2, int((ours != ref).sum())  # float rounding at exact near-ties only
+    assert cell_argmax_slab(probs, _oblique_affine(), dst, 0, 4) is None  # oblique: the caller interpolates
+
+
 def test_105_class_ct_estimate_under_8gb_where_naive_fp32_is_not():
     """TotalSegmentator-like: 105 classes, 128^3 windows, overlap 0.5, network grid 1.5 mm.
 
@@ -125,8 +146,12 @@ def test_105_class_ct_estimate_under_8gb_where_naive_fp32_is_not():
     probabilities on the 512x512x400 source grid do not (by far).
     """
     src = (512, 512, 400)
+    affine_src = np.diag([0.8, 0.8, 1.0, 1.0])  # RAS, voxel centres; the network grid covers the same field
     net = tuple(int(round(n * s / 1.5)) for n, s in zip(src, (0.8, 0.8, 1.0)))
-    est = estimate_stitch_bytes(105, net, (128, 128, 128), 0.5, dst_shape=src, acc_bytes=2, sw_batch_size=2)
+    affine_net = np.diag([1.5, 1.5, 1.5, 1.0])
+    axis, span = target_span(affine_net, affine_src, net, src, 105)
+    est = estimate_stitch_bytes(105, net, (128, 128, 128), 0.5, dst_shape=src, span=span, axis=axis, acc_bytes=2,
+                                sw_batch_size=2)
     assert est["streamed"] < 8 * GB, est
     assert est["naive_fp32"] > 8 * GB, est
     # float32 accumulation alone (no streaming) would already need C x V x 4 bytes on the device
@@ -135,7 +160,8 @@ def test_105_class_ct_estimate_under_8gb_where_naive_fp32_is_not():
     # 105 x 512 x 400 x 128 x 2 bytes = 5.5 GB and the total passes 8 GB: that case takes the CPU fallback
     worst = estimate_stitch_bytes(105, src, (128, 128, 128), 0.5, acc_bytes=2)
     assert worst["streamed"] > 8 * GB
-    assert choose_stitch_device(worst["streamed"], "cuda", free_bytes=int(79 * GB), budget_bytes=int(8 * GB)).type == "cpu"
+    fallback = choose_stitch_device(worst["streamed"], "cuda", free_bytes=int(79 * GB), budget_bytes=int(8 * GB))
+    assert fallback.type == "cpu"
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from app.engine.evaluate import make_predictor
 from app.engine.infer import BundlePredictor, find_nifti_inputs, predict_paths
 from app.errors import ConfigError, InputError
@@ -54,22 +56,34 @@ def infer_dicom(predictor: BundlePredictor, meta: dict, bundle_name: str, folder
     stem = series_key(volume.series_instance_uid)
     outputs: dict[str, str] = {}
     t1 = time.perf_counter()
+    write_times: dict[str, float] = {}
+
+    def timed(name: str, t_start: float) -> None:
+        write_times[f"{name}_write_s"] = time.perf_counter() - t_start
+
     if "nifti" in formats:
         outputs["nifti"] = str(save_labels_nifti(pred.labels, volume.affine_ras, out / f"{stem}_seg.nii.gz"))
+        timed("nifti", t1)
     if "seg" in formats:
+        t_seg = time.perf_counter()
         specs = [SegmentSpec.from_dict(s) for s in meta.get("segments", [])]
         if not specs:
             raise ConfigError("bundle metadata has no 'segments' (label codes) for DICOM SEG", "configs/metadata.json")
         outputs["seg"] = str(write_seg(volume, pred.labels, specs, (bundle_name, str(meta.get("version", "0"))),
                                        out / f"{stem}_seg.dcm", allow_generated_uids=allow_generated_uids))
+        timed("seg", t_seg)
     if "rtstruct" in formats:
         from app.io.rtstruct import write_rtstruct
 
+        t_rt = time.perf_counter()
         names = {int(s["label_value"]): s["label_name"] for s in meta.get("segments", [])}
         outputs["rtstruct"] = str(write_rtstruct(volume, pred.labels, names, out / f"{stem}_rtstruct.dcm",
                                                  algorithm=(bundle_name, str(meta.get("version", "0"))),
                                                  allow_generated_uids=allow_generated_uids))
+        timed("rtstruct", t_rt)
+    t_png = time.perf_counter()
     outputs["overlay"] = str(save_overlay_png(volume.array, pred.labels, out / f"{stem}_overlay.png"))
+    timed("overlay", t_png)
     t_write = time.perf_counter() - t1
     sent = []
     dicom_files = [outputs[k] for k in ("seg", "rtstruct") if k in outputs]
@@ -78,9 +92,10 @@ def infer_dicom(predictor: BundlePredictor, meta: dict, bundle_name: str, folder
 
         res = send(dicom_files, dest)
         sent.append({"destination": dest, "files": len(dicom_files), "attempts": res.attempts})
-    timings = {"read_s": t_read, **pred.timings, "write_s": t_write, "total_s": time.perf_counter() - t0}
+    timings = {"read_s": t_read, **pred.timings, **write_times, "write_s": t_write,
+               "total_s": time.perf_counter() - t0}
     summary = {"series_uid_hash": stem, "selection": volume.selection_reason, "shape": list(volume.shape),
-               "labels_present": sorted(int(v) for v in set(pred.labels.ravel().tolist()) - {0}),
+               "labels_present": [int(v) for v in np.unique(pred.labels) if v != 0],
                "outputs": outputs, "sent": sent, "timings": timings}
     atomic_write_text(out / f"{stem}_summary.json", json.dumps(summary, indent=2))
     return summary

@@ -31,10 +31,10 @@ def overlay_slices(image_ijk: np.ndarray, labels_ijk: np.ndarray, n_slices: int 
     if ks.size == 0:
         ks = np.arange(labels_ijk.shape[2])
     picks = np.unique(ks[np.linspace(0, ks.size - 1, n_slices).round().astype(int)])
-    win = _window(image_ijk)
+    win = _window(image_ijk[:, :, picks])  # only the shown slices: a percentile of a whole CT takes seconds
     tiles = []
-    for k in picks:
-        gray = win[:, :, k].T  # (rows=j, cols=i)
+    for n, k in enumerate(picks):
+        gray = win[:, :, n].T  # (rows=j, cols=i)
         rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
         lab = labels_ijk[:, :, k].T
         for value in np.unique(lab[lab > 0]):
