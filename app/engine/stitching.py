@@ -365,6 +365,8 @@ def sliding_window_labels(x: torch.Tensor, predictor: Callable[[torch.Tensor], t
                 out = predictor(win)
             sync()
             state["net_s"] += time.perf_counter() - t0
+            if not isinstance(out, torch.Tensor):  # deep-supervision tuples/dicts: MONAI's inferer handles those
+                raise TypeError(f"the network returned {type(out).__name__}, not one tensor: use fast=False")
             if state["buf"] is None:
                 n_classes = out.shape[1]
                 if callable(stitch_device):
