@@ -71,6 +71,28 @@ def test_wrap_is_identity_in_one_process():
 
 
 @pytest.mark.slow
+def _epoch_one_recorded(metrics_file: Path, record: Path) -> bool:
+    """Epoch 1 is checkpointed and both ranks' batch records have it (they are written after it)."""
+    try:
+        if len(json.loads(metrics_file.read_text())["history"]) < 1:
+            return False
+        return all("1" in r["epochs"] for r in _records(record))
+    except (OSError, ValueError, KeyError):
+        return False  # not written yet
+
+
+def _kill_matching(marker: str) -> None:
+    """SIGKILL every process whose command line contains ``marker`` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass  # gone already
+
+
 def test_ddp_two_ranks_shard_data_agree_track_once_and_resume(tmp_path):
     # Uninterrupted reference run.
     full, full_rec = tmp_path / "full", tmp_path / "full_rec"
@@ -105,11 +127,12 @@ def test_ddp_two_ranks_shard_data_agree_track_once_and_resume(tmp_path):
     metrics_file = killed / "metrics.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics_file.is_file() and len(json.loads(metrics_file.read_text())["history"]) >= 1:
+        if _epoch_one_recorded(metrics_file, killed_rec):
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    os.killpg(proc.pid, signal.SIGKILL)  # segapp and torchrun
+    _kill_matching(str(killed))  # the workers (torchrun starts each in a session of its own)
     proc.wait()
     proc.stderr.close()
     done = len(json.loads(metrics_file.read_text())["history"])
