@@ -39,7 +39,7 @@ def run_demo(out: str = "segapp_demo", epochs: int | None = None, device: str = 
                         formats=("nifti", "seg", "rtstruct"))
     print()
     print("validation (fold 0): " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if "dice" in k))
-    print("validation HD95 (voxels): " + "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()) if "hd95" in k))
+    print("validation HD95 (mm):     " + "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()) if "hd95" in k))
     print(f"model:        {model}")
     print(f"metrics:      {out_dir / 'train' / 'metrics.json'}")
     m = res.get("mlflow") or {}

@@ -27,13 +27,29 @@ def _nanmean(values: list[float]) -> float:
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
+def voxel_size_mm(y) -> list[list[float]] | None:
+    """Voxel size (mm) of each batch item from its affine (a MetaTensor batch or a list of items);
+    ``None`` (distances in voxels) when there is no affine."""
+    if isinstance(y, (list, tuple)):
+        affines = [getattr(t, "affine", None) for t in y]
+    else:
+        a = getattr(y, "affine", None)
+        if a is None:
+            return None
+        a = torch.as_tensor(a)
+        affines = list(a) if a.ndim == 3 else [a] * y.shape[0]
+    if any(a is None for a in affines):
+        return None
+    return [torch.linalg.norm(torch.as_tensor(a, dtype=torch.float64)[:3, :3], dim=0).tolist() for a in affines]
+
+
 class SegmentationMetrics(Metric):
     """Dice and 95th-percentile Hausdorff distance per foreground label.
 
     Args:
         labels: label names indexed by value, background first (``{"0": "background", "1": ...}``).
         prefix: metric name prefix, e.g. ``"val_"``.
-        hd95: also compute HD95 (in voxels of the evaluation grid; multiply by spacing for mm).
+        hd95: also compute HD95, in mm when the reference carries its affine (a MetaTensor), else in voxels.
         output_transform: maps the engine output to ``(y_pred, y)``, both one-hot ``(B, C, ...)``.
 
     Cases where a label is absent from both prediction and reference are left out of that label's mean.
@@ -54,11 +70,12 @@ class SegmentationMetrics(Metric):
 
     def update(self, output) -> None:
         y_pred, y = output
+        items = list(y) if isinstance(y, (list, tuple)) else None
         if isinstance(y_pred, (list, tuple)):  # decollated batch
             y_pred, y = torch.stack(list(y_pred)), torch.stack(list(y))
         self._dice(y_pred=y_pred, y=y)
         if self.hd95:
-            self._hd(y_pred=y_pred, y=y)
+            self._hd(y_pred=y_pred, y=y, spacing=voxel_size_mm(items if items is not None else y))
 
     def _per_label(self, metric) -> list[float]:
         buf = metric.get_buffer()
