@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-from ignite.engine import Events
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.engine.bundle_config import bundle_parser, run_sections, write_executed_config  # noqa: E402
+from app.engine.bundle_config import bundle_parser  # noqa: E402
 from app.engine.evaluate import evaluate  # noqa: E402
+from budget import train_with_budget  # noqa: E402  (bench/budget.py)
 
 
 def main() -> None:
@@ -42,23 +41,10 @@ def main() -> None:
     if a.epochs:
         overrides["epochs"] = a.epochs
     parser = bundle_parser(a.bundle, ["train.json", *a.config], overrides)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    write_executed_config(parser, Path(a.out) / "executed_config.json")
-    trainer = parser.get_parsed_content("train#trainer")
-    t_start = time.perf_counter()
-    if a.minutes:
-        @trainer.on(Events.EPOCH_COMPLETED)
-        def _budget(engine):
-            if time.perf_counter() - t_start > a.minutes * 60:
-                engine.terminate()
-    run_sections(parser)
-    train_s = time.perf_counter() - t_start
-    model = Path(a.out) / "models" / "model.pt"
-    if not model.is_file():  # stopped by the time budget: the last epoch's checkpoint
-        model = Path(a.out) / "checkpoints" / "last.pt"
+    epochs_run, train_s, model = train_with_budget(parser, Path(a.out), a.minutes)
     metrics = evaluate(a.bundle, a.manifest, str(model), a.fold, a.device, extra_configs=a.config)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else "CPU"
-    result = {"device": device, "bundle": a.bundle, "fold": a.fold, "epochs_run": trainer.state.epoch,
+    result = {"device": device, "bundle": a.bundle, "fold": a.fold, "epochs_run": epochs_run,
               "train_seconds": round(train_s, 1), **{k: round(v, 4) for k, v in metrics.items()}}
     print(json.dumps(result, indent=2))
 

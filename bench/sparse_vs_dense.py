@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Events
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.data.manifest import fold_datalist  # noqa: E402
-from app.engine.bundle_config import bundle_parser, run_sections, write_executed_config  # noqa: E402
+from app.engine.bundle_config import bundle_parser  # noqa: E402
 from app.engine.evaluate import evaluate  # noqa: E402
 from app.io.atomic import atomic_write_text  # noqa: E402
+from budget import train_with_budget  # noqa: E402  (bench/budget.py)
 
 DENSE, SPARSE, VNET = "hippocampus_unet3d", "hippocampus_unet3d_sparse", "hippocampus_vnet"
 log = logging.getLogger("bench.sparse_vs_dense")
@@ -66,26 +66,12 @@ def _overrides(a: argparse.Namespace, bundle: str) -> dict:
 def train_and_evaluate(a: argparse.Namespace, bundle: str) -> dict:
     """Train ``bundle`` under the shared budget, then Dice/HD95 on the fold's dense validation labels."""
     overrides = _overrides(a, bundle)
-    out = Path(overrides["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
     parser = bundle_parser(bundle, ["train.json", *a.config], overrides)
-    write_executed_config(parser, out / "executed_config.json")
-    trainer = parser.get_parsed_content("train#trainer")
-    t0 = time.perf_counter()
-    if a.minutes:
-        @trainer.on(Events.EPOCH_COMPLETED)
-        def _budget(engine):
-            if time.perf_counter() - t0 > a.minutes * 60:
-                engine.terminate()
-    run_sections(parser)
-    train_s = time.perf_counter() - t0
-    model = out / "models" / "model.pt"
-    if not model.is_file():  # stopped by the time budget: the last epoch's weights
-        model = out / "checkpoints" / "last.pt"
+    epochs_run, train_s, model = train_with_budget(parser, Path(overrides["output_dir"]), a.minutes)
     eval_overrides = {"validate#dataset#data": _data_overrides(a)["validate#dataset#data"]}
     metrics = evaluate(bundle, a.manifest, str(model), a.fold, a.device, overrides=eval_overrides,
                        extra_configs=a.config)
-    return {"bundle": bundle, "epochs_run": trainer.state.epoch, "train_seconds": round(train_s, 1),
+    return {"bundle": bundle, "epochs_run": epochs_run, "train_seconds": round(train_s, 1),
             **{k: round(v, 4) for k, v in metrics.items()}}
 
 

@@ -18,20 +18,13 @@ from app.data.manifest import fold_datalist
 from app.engine.distributed import unwrap, wrap
 from app.engine.evaluate import evaluate
 from app.engine.launch import RECORD_ENV, _strip_nproc, torchrun_command, weights_sha256
-from conftest import REPO, SAMPLE_MANIFEST
+from conftest import REPO, SAMPLE_MANIFEST, TINY
 
 BUNDLE = "hippocampus_unet3d"
 EPOCHS = 3
 # 4 training cases -> 2 per rank, batch 1; 3 validation cases -> 2 + 1 (uneven: must not hang).
-DDP_TINY = {
-    "network_def#features": [4, 8],
-    "patch_size": [16, 16, 16],
-    "batch_size": 1,
-    "num_workers": 0,
-    "cache_workers": 0,
-    "train#dataset#data": "$app.data.manifest.fold_datalist(@manifest, @fold, 'train', max_cases=4)",
-    "validate#dataset#data": "$app.data.manifest.fold_datalist(@manifest, @fold, 'val', max_cases=3)",
-}
+DDP_TINY = {**TINY, "batch_size": 1,
+            "validate#dataset#data": "$app.data.manifest.fold_datalist(@manifest, @fold, 'val', max_cases=3)"}
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:

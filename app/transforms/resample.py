@@ -12,8 +12,8 @@ Two implementations give the same trilinear (``align_corners=True`` voxel-centre
   scalings, shifts: the common case of axial series and RAS network grids), three 1-D linear
   interpolations (gather + lerp); no sampling grid, much faster and lighter on memory.
 
-:func:`resample_argmax` fuses resampling of class probabilities with the argmax per slab, so the
-full ``C x I x J x K`` tensor on the target grid is never held.
+:func:`resample_slab` gives one slab of target slices, so callers (``app.engine.stitching``) can fuse
+resampling of class probabilities with the argmax and never hold ``C x I x J x K`` on the target grid.
 """
 
 from __future__ import annotations
@@ -115,6 +115,16 @@ def _separable(work: torch.Tensor, m: np.ndarray, perm: list[int], dst_shape: Se
     return out.permute(0, *[1 + perm[t] for t in range(3)])
 
 
+def _axis_perm(m: np.ndarray, method: str) -> list[int] | None:
+    """The separable path's axis permutation for ``method`` (None: use grid_sample)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    perm = axis_aligned(m) if method != "grid_sample" else None
+    if method == "separable" and perm is None:
+        raise ValueError("separable resampling needs axis-aligned grids")
+    return perm
+
+
 def resample_to_grid(data: torch.Tensor, affine_src: np.ndarray, affine_dst: np.ndarray,
                      dst_shape: Sequence[int], mode: str = "bilinear", padding_mode: str = "zeros",
                      slab: int | None = None, method: str = "auto") -> torch.Tensor:
@@ -134,13 +144,9 @@ def resample_to_grid(data: torch.Tensor, affine_src: np.ndarray, affine_dst: np.
     Returns:
         (C, *dst_shape) tensor on ``data``'s device and dtype.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     m = target_to_source_voxel(affine_src, affine_dst)
     dst_shape = tuple(int(s) for s in dst_shape)
-    perm = axis_aligned(m) if method != "grid_sample" else None
-    if method == "separable" and perm is None:
-        raise ValueError("separable resampling needs axis-aligned grids")
+    perm = _axis_perm(m, method)
     out = torch.empty((data.shape[0], *dst_shape), dtype=data.dtype, device=data.device)
     slab = slab or dst_shape[2]
     for k0 in range(0, dst_shape[2], slab):
@@ -183,9 +189,7 @@ def resample_slab(data: torch.Tensor, m: np.ndarray, dst_shape: Sequence[int], k
     building block of :func:`resample_to_grid` for callers that hold only part of the source grid
     (``m`` then maps target voxels into that part's own voxel indices).
     """
-    perm = axis_aligned(m) if method != "grid_sample" else None
-    if method == "separable" and perm is None:
-        raise ValueError("separable resampling needs axis-aligned grids")
+    perm = _axis_perm(m, method)
     return _resample_slab(data, np.asarray(m, np.float64), perm, tuple(int(s) for s in dst_shape), k0, k1, mode,
                           padding_mode)
 
@@ -203,39 +207,6 @@ def channel_argmax(x: torch.Tensor, dtype: torch.dtype = torch.uint8) -> torch.T
         labels.masked_fill_(better, c)
         torch.maximum(best, x[c], out=best)
     return labels
-
-
-def resample_argmax(probs: torch.Tensor, affine_src: np.ndarray, affine_dst: np.ndarray, dst_shape: Sequence[int],
-                    slab: int | None = None, max_slab_bytes: int = 256 * 2**20, method: str = "auto") -> torch.Tensor:
-    """Labels ``argmax_c`` of the trilinearly resampled class scores, computed slab by slab.
-
-    Equals ``resample_to_grid(probs, ...).argmax(0)`` without holding the resampled ``C x I x J x K``
-    tensor: each slab of target slices is interpolated (float32) and reduced to uint8 at once.
-
-    Args:
-        probs: (C, *src_shape) class probabilities (any float dtype) on any device.
-        affine_src, affine_dst, dst_shape: as in :func:`resample_to_grid`.
-        slab: target slices per step; default: as many as fit in ``max_slab_bytes`` (float32).
-        method: as in :func:`resample_to_grid`.
-
-    Returns:
-        uint8 (or int64 when C > 256) labels ``(I, J, K)`` on ``probs``' device.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    m = target_to_source_voxel(affine_src, affine_dst)
-    dst_shape = tuple(int(s) for s in dst_shape)
-    perm = axis_aligned(m) if method != "grid_sample" else None
-    if method == "separable" and perm is None:
-        raise ValueError("separable resampling needs axis-aligned grids")
-    per_slice = probs.shape[0] * dst_shape[0] * dst_shape[1] * 4 * (2 if perm is None else 3)
-    slab = int(slab or max(1, min(dst_shape[2], max_slab_bytes // max(1, per_slice))))
-    out = torch.empty(dst_shape, dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int64, device=probs.device)
-    for k0 in range(0, dst_shape[2], slab):
-        k1 = min(k0 + slab, dst_shape[2])
-        res = _resample_slab(probs, m, perm, dst_shape, k0, k1, "bilinear", "zeros")
-        out[:, :, k0:k1] = channel_argmax(res, out.dtype)
-    return out
 
 
 _MIXED = 255
