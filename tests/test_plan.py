@@ -240,3 +240,18 @@ def test_plan_from_manifest(tmp_path):
     assert len(written["manifest"]["content_hash"]) == 64
     other = plan_from_manifest(tmp_path / "m.json", tmp_path / "elsewhere" / "p.json", modality="CT")
     assert other["normalization"][0]["scheme"] == "CT" and (tmp_path / "elsewhere" / "p.json").is_file()
+
+
+def test_spacing_and_shape_are_along_ras_whatever_the_voxel_order(tmp_path):
+    # the same anisotropic volume stored RAS (i=R, j=A, k=S) and with its axes permuted to (S, R, A), L/P flipped
+    img = np.zeros((6, 4, 2), np.float32)
+    lab = np.zeros((6, 4, 2), np.uint8)
+    img[1:3, 1:3, 1], lab[1:3, 1:3, 1] = 5, 1
+    ras = np.diag([0.5, 0.8, 3.0, 1.0])
+    perm = np.zeros((4, 4))
+    perm[0, 1], perm[1, 2], perm[2, 0], perm[3, 3] = -0.5, -0.8, 3.0, 1  # voxel (k, i, j) -> world
+    cases = [_case(tmp_path / "ras", "a", img, lab, ras),
+             _case(tmp_path / "perm", "a", np.transpose(img, (2, 0, 1)), np.transpose(lab, (2, 0, 1)), perm)]
+    fps = [compute_fingerprint([c], modality="MR")["cases"][0] for c in cases]
+    assert fps[0]["spacing"] == pytest.approx([0.5, 0.8, 3.0]) and fps[1]["spacing"] == pytest.approx([0.5, 0.8, 3.0])
+    assert fps[0]["shape"] == fps[1]["shape"] == [6, 4, 2]

@@ -2,10 +2,11 @@
 
 Follows nnU-Net's experiment planning (Isensee et al., Nature Methods 2021) in spirit:
 
-* The **fingerprint** records, per case, the voxel spacing and size (from the NIfTI affine, RAS,
-  mm) and, per image channel, statistics of the intensities of the foreground voxels (label > 0):
-  exact mean, std, min and max over all of them, and the 0.5 / 99.5 percentiles of a seeded random
-  sample of at most ``max_voxels_per_case`` voxels per case.
+* The **fingerprint** records, per case, the voxel spacing and size (from the NIfTI affine, in mm
+  and voxels along the R, A, S axes, whatever the file's voxel order) and, per image channel,
+  statistics of the intensities of the foreground voxels (label > 0): exact mean, std, min and max
+  over all of them, and the 0.5 / 99.5 percentiles of a seeded random sample of at most
+  ``max_voxels_per_case`` voxels per case.
 * The **plan** picks the target spacing (median spacing; for anisotropic data the low-resolution
   axis gets the 10th percentile instead), the normalisation of each channel (CT: clip to the
   foreground percentiles, then z-score with the data-set foreground mean/std; MR: per-case z-score
@@ -67,6 +68,16 @@ def _image_channels(data: np.ndarray, path: str) -> np.ndarray:
     if data.ndim == 5 and data.shape[3] == 1:  # NIfTI-1 vector images: (I, J, K, 1, C)
         return np.moveaxis(data[:, :, :, 0], -1, 0)
     raise InputError(f"expected a 3D image (optionally with channels), got shape {data.shape}", path=path)
+
+
+def ras_axis_order(affine_ras: np.ndarray, spacing_ijk, shape_ijk) -> tuple[list[float], list[int]]:
+    """Per-voxel-axis spacing (mm) and size (voxels) re-ordered along the R, A, S world axes (the
+    voxel axes of the closest RAS orientation, which ``Orientationd("RAS")`` produces)."""
+    ras_axis = nib.orientations.io_orientation(np.asarray(affine_ras))[:, 0].astype(int)
+    spacing, shape = [0.0] * 3, [0] * 3
+    for ijk, ras in enumerate(ras_axis):
+        spacing[ras], shape[ras] = float(spacing_ijk[ijk]), int(shape_ijk[ijk])
+    return spacing, shape
 
 
 class _Moments:
@@ -135,7 +146,7 @@ def compute_fingerprint(
 
     Returns:
         A JSON-serialisable dict: ``num_cases``, ``num_channels``, ``modality`` (per channel),
-        ``cases`` (per case: ``index``, ``spacing`` (mm, along i/j/k), ``shape`` (voxels),
+        ``cases`` (per case: ``index``, ``spacing`` (mm) and ``shape`` (voxels) along R, A, S,
         ``foreground_voxels``, ``foreground_mean``/``foreground_std`` per channel),
         ``median_spacing`` (mm), ``median_shape`` (voxels), ``intensity`` (per channel:
         ``percentile_00_5``, ``percentile_99_5``, ``mean``, ``std``, ``min``, ``max`` in image units
@@ -169,9 +180,10 @@ def compute_fingerprint(
             channel_min = [math.inf] * num_channels
         elif data.shape[0] != num_channels:
             raise InputError(f"image has {data.shape[0]} channel(s), earlier images {num_channels}", path=image_path)
-        spacing = voxel_spacing(img.affine)
-        case = {"index": index, "spacing": [float(s) for s in spacing],
-                "shape": [int(s) for s in data.shape[1:]], "foreground_voxels": 0,
+        # along R, A, S: the bundles reorient to RAS before resampling, so plans are in that order
+        spacing_ras, shape_ras = ras_axis_order(img.affine, voxel_spacing(img.affine), data.shape[1:])
+        case = {"index": index, "spacing": [float(s) for s in spacing_ras],
+                "shape": [int(s) for s in shape_ras], "foreground_voxels": 0,
                 "foreground_mean": None, "foreground_std": None}
         for c in range(num_channels):
             channel_min[c] = min(channel_min[c], float(np.nanmin(data[c])))
