@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,36 @@ from app.transforms.resample import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SLAB_BYTES = 256 * 2**20
+
+
+class _DeviceTimer:
+    """Time spent in code blocks on ``device`` without stalling it: CUDA events on a GPU (read once,
+    at the end), wall time on the CPU. A host sync per window batch would stop the host from queueing
+    work ahead of the GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.cpu_s = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.cpu_s += time.perf_counter() - t0
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.cpu_s
+        torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -274,8 +305,9 @@ def sliding_window_labels(x: torch.Tensor, predictor: Callable[[torch.Tensor], t
                                  dtype=torch.float32)[None, None]
     autocast = torch.autocast(x.device.type, dtype=torch.float16) if amp and x.device.type == "cuda" else None
 
-    state = {"buf": None, "w": None, "b0": 0, "fin": 0, "peak": 0, "net_s": 0.0, "res_s": 0.0}
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda *_: None)
+    state = {"buf": None, "w": None, "b0": 0, "fin": 0, "peak": 0}
+    net_timer = _DeviceTimer(x.device)
+    res_timer: _DeviceTimer | None = None  # on the stitching device, known after the first window batch
     labels: torch.Tensor | None = None
     plan: list[tuple[int, int, int, int]] = []
     pad_a, n_a = pads[a][0], real[a]
@@ -333,22 +365,20 @@ def sliding_window_labels(x: torch.Tensor, predictor: Callable[[torch.Tensor], t
                 labels.narrow(a, r0, r1 - r0).copy_(channel_argmax(part, labels.dtype))
             return
         fin_real = min(f1 - pad_a, n_a)
-        t0 = time.perf_counter()
-        while plan and (plan[0][1] <= fin_real or fin_real >= n_a):
-            lo, hi, k0, k1 = plan.pop(0)
-            v0 = lo  # only the real slices this target slab reads (its plan has a one-slice margin)
-            view = buf.narrow(1 + a, v0 + pad_a - b0, hi - v0)
-            for d in range(3):
-                if d != a:
-                    view = view.narrow(1 + d, pads[d][0], real[d])
-            shift = np.eye(4)
-            shift[a, 3] = -v0
-            lab = cell_argmax_slab(view, shift @ m, dst_shape, k0, k1) if cells else None
-            if lab is None:  # oblique grids or > 255 classes: interpolate every class everywhere
-                lab = channel_argmax(resample_slab(view, shift @ m, dst_shape, k0, k1, "bilinear", "zeros"))
-            labels[:, :, k0:k1] = lab.to(labels.dtype)
-        sync()
-        state["res_s"] += time.perf_counter() - t0
+        with res_timer():
+            while plan and (plan[0][1] <= fin_real or fin_real >= n_a):
+                lo, hi, k0, k1 = plan.pop(0)
+                v0 = lo  # only the real slices this target slab reads (its plan has a one-slice margin)
+                view = buf.narrow(1 + a, v0 + pad_a - b0, hi - v0)
+                for d in range(3):
+                    if d != a:
+                        view = view.narrow(1 + d, pads[d][0], real[d])
+                shift = np.eye(4)
+                shift[a, 3] = -v0
+                lab = cell_argmax_slab(view, shift @ m, dst_shape, k0, k1) if cells else None
+                if lab is None:  # oblique grids or > 255 classes: interpolate every class everywhere
+                    lab = channel_argmax(resample_slab(view, shift @ m, dst_shape, k0, k1, "bilinear", "zeros"))
+                labels[:, :, k0:k1] = lab.to(labels.dtype)
 
     for r, s in enumerate(starts):
         row = rows[s]
@@ -357,14 +387,8 @@ def sliding_window_labels(x: torch.Tensor, predictor: Callable[[torch.Tensor], t
             win = torch.cat([x[(slice(0, 1), slice(None), *sl)] for sl in batch])
             if channels_last:
                 win = win.contiguous(memory_format=torch.channels_last_3d)
-            t0 = time.perf_counter()
-            if autocast is not None:
-                with autocast:
-                    out = predictor(win)
-            else:
+            with net_timer(), (autocast if autocast is not None else nullcontext()):
                 out = predictor(win)
-            sync()
-            state["net_s"] += time.perf_counter() - t0
             if not isinstance(out, torch.Tensor):  # deep-supervision tuples/dicts: MONAI's inferer handles those
                 raise TypeError(f"the network returned {type(out).__name__}, not one tensor: use fast=False")
             if state["buf"] is None:
@@ -372,6 +396,7 @@ def sliding_window_labels(x: torch.Tensor, predictor: Callable[[torch.Tensor], t
                 if callable(stitch_device):
                     dev = torch.device(stitch_device(n_classes))
                 acc_dtype = acc_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+                res_timer = _DeviceTimer(dev)
                 imp_dev = imp.to(dev)
                 dtype = torch.uint8 if n_classes <= 256 else torch.int64
                 labels = torch.empty(dst_shape if resample else real, dtype=dtype, device=dev)
@@ -396,6 +421,6 @@ def sliding_window_labels(x: torch.Tensor, predictor: Callable[[torch.Tensor], t
         shift_to(max(keep, state["b0"]))
     if stats is not None:
         stats.update(stream_axis=a, peak_buffer_bytes=int(state["peak"]), stitch_device=str(dev),
-                     acc_dtype=str(acc_dtype).replace("torch.", ""), windows=len(slices), network_s=state["net_s"],
-                     resample_s=state["res_s"])
+                     acc_dtype=str(acc_dtype).replace("torch.", ""), windows=len(slices), network_s=net_timer.seconds(),
+                     resample_s=res_timer.seconds() if res_timer is not None else 0.0)
     return labels
