@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from app.cli import main
 from app.engine.tracking import MLflowTracker, file_sha256
 from app.engine.train import train
-from conftest import REPO, SAMPLE_MANIFEST, TINY
+from conftest import SAMPLE_MANIFEST, TINY
 
 BUNDLE = "hippocampus_unet3d"
 

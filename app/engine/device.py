@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from app.engine import distributed
 from app.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if isinstance(name, torch.device):
         return name
     name = str(name).strip().lower()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = distributed.local_rank()
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name == "cpu":

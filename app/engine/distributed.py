@@ -61,12 +61,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else model
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def finalize() -> None:
     """Leave the process group at the end of a run (the bundle's ``finalize`` section)."""
     if dist.is_available() and dist.is_initialized():

@@ -15,6 +15,8 @@ from ignite.metrics import Metric
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.utils import evenly_divisible_all_gather
 
+from app.io.geometry import voxel_spacing
+
 
 def _label_names(labels: Mapping | Sequence[str]) -> list[str]:
     if isinstance(labels, Mapping):
@@ -40,7 +42,7 @@ def voxel_size_mm(y) -> list[list[float]] | None:
         affines = list(a) if a.ndim == 3 else [a] * y.shape[0]
     if any(a is None for a in affines):
         return None
-    return [torch.linalg.norm(torch.as_tensor(a, dtype=torch.float64)[:3, :3], dim=0).tolist() for a in affines]
+    return [voxel_spacing(torch.as_tensor(a).cpu().numpy()).tolist() for a in affines]
 
 
 class SegmentationMetrics(Metric):

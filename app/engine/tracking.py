@@ -9,7 +9,6 @@ metrics from the engines, never from image headers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,20 +18,12 @@ from typing import Mapping
 
 from ignite.engine import Engine, Events
 
+from app.data.checks import file_sha256  # noqa: F401  (bundle configs log the manifest's hash with it)
 from app.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (the manifest hash logged with each run)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def local_tracking_uri(output_dir: str | Path) -> str:
