@@ -47,3 +47,18 @@ def test_seg_label_with_nifti_image_is_refused(dicom_case, tmp_path):
     case, _, _ = dicom_case
     with pytest.raises(InputError, match="needs its DICOM image series"):
         LoadCased(("image", "label"))({**case, "image": str(tmp_path / "x.nii.gz")})
+
+
+def test_nifti_label_for_a_dicom_image_must_share_its_grid(dicom_case, tmp_path):
+    from app.io.nifti import save_labels_nifti
+
+    case, mask, volume = dicom_case
+    on_grid = save_labels_nifti(mask, volume.affine_ras, tmp_path / "label_ok.nii.gz")
+    d = LoadCased(("image", "label"))({"image": case["image"], "label": str(on_grid)})
+    np.testing.assert_array_equal(d["label"][0].numpy(), mask)
+    shifted = volume.affine_ras.copy()
+    shifted[:3, 3] += shifted[:3, 0]  # one voxel along i: a patient-safety error, not a rounding one
+    off_grid = save_labels_nifti(mask, shifted, tmp_path / "label_shifted.nii.gz")
+    with pytest.raises(InputError, match="differs from its DICOM image") as err:
+        LoadCased(("image", "label"))({"image": case["image"], "label": str(off_grid)})
+    assert "label_shifted.nii.gz" in str(err.value)

@@ -50,9 +50,9 @@ def load_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(str(path))
     except Exception as exc:
         raise InputError(f"not a readable NIfTI file: {exc}", str(path)) from exc
-    header = img.header
-    slope, inter = header.get_slope_inter()
-    if np.issubdtype(header.get_data_dtype(), np.integer) and slope in (None, 1.0) and inter in (None, 0.0):
+    # the array proxy holds scl_slope/inter (nibabel clears them in the loaded header)
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    if np.issubdtype(img.get_data_dtype(), np.integer) and slope == 1.0 and inter == 0.0:
         array = np.asarray(img.dataobj)
     else:
         array = img.get_fdata(dtype=np.float32)

@@ -11,12 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Hashable, Mapping
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged, MapTransform
 
 from app.errors import InputError
+from app.io.geometry import lps_to_ras, same_grid
 
 
 def _is_dicom_image(path: str) -> bool:
@@ -59,9 +61,15 @@ class LoadCased(MapTransform):
         if label_is_seg:
             from app.io.dicom_seg import read_seg
 
-            labels_ijk, _ = read_seg(label_path, volume)
-            d[self.label_key] = MetaTensor(torch.as_tensor(labels_ijk[None].astype("int16")),
-                                           affine=torch.as_tensor(volume.affine_ras), meta={"filename_or_obj": label_path})
+            labels_ijk, affine_lps = read_seg(label_path, volume)  # on the series' voxel grid
+            dtype = np.int16 if labels_ijk.size == 0 or int(labels_ijk.max()) <= np.iinfo(np.int16).max else np.int32
+            d[self.label_key] = MetaTensor(torch.as_tensor(labels_ijk[None].astype(dtype)),
+                                           affine=torch.as_tensor(lps_to_ras(affine_lps)),
+                                           meta={"filename_or_obj": label_path, "space": "RAS"})
         else:
-            d[self.label_key] = self._nifti({self.label_key: label_path})[self.label_key]
+            label = self._nifti({self.label_key: label_path})[self.label_key]
+            if not same_grid(volume.affine_ras, volume.shape, np.asarray(label.affine), label.shape[1:], atol=1e-3):
+                raise InputError(f"the label's grid (shape {tuple(label.shape[1:])}) differs from its DICOM image's "
+                                 f"(shape {tuple(volume.shape)}) in shape or affine", label_path)
+            d[self.label_key] = label
         return d
