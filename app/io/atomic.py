@@ -49,9 +49,5 @@ def atomic_write(final_path: str | os.PathLike, writer: Callable[[Path], object]
     return Path(final_path)
 
 
-def atomic_write_bytes(final_path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(final_path, lambda p: p.write_bytes(data))
-
-
 def atomic_write_text(final_path: str | os.PathLike, text: str) -> Path:
     return atomic_write(final_path, lambda p: p.write_text(text, encoding="utf-8"))

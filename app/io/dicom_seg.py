@@ -498,13 +498,15 @@ def _reference_volume(reference, seg_ds: Dataset) -> SeriesVolume:
 
 
 def _place_frame(
-    frame_ipp: np.ndarray, iop: np.ndarray, spacing: np.ndarray, rows: int, cols: int, affine: np.ndarray, tol: float
+    frame_ipp: np.ndarray, iop: np.ndarray, spacing: np.ndarray, rows: int, cols: int, affine_lps: np.ndarray,
+    tol: float
 ):
-    """Voxel index arrays ``(i, j, k)`` (each ``(rows, cols)``) of a frame's pixels on a grid whose
-    axes the frame shares (up to order and sign); None when the frame does not lie on the grid."""
-    v0 = world_to_voxel(affine, frame_ipp)
-    dcol = world_to_voxel(affine, frame_ipp + iop[:3] * spacing[1]) - v0  # one column step
-    drow = world_to_voxel(affine, frame_ipp + iop[3:] * spacing[0]) - v0  # one row step
+    """Voxel index arrays ``(i, j, k)`` (each ``(rows, cols)``) of a frame's pixels on the grid of
+    ``affine_lps`` (voxel -> LPS mm; ``frame_ipp``/``iop`` are LPS too) when the frame shares the grid's
+    axes (up to order and sign); None when the frame does not lie on the grid."""
+    v0 = world_to_voxel(affine_lps, frame_ipp)
+    dcol = world_to_voxel(affine_lps, frame_ipp + iop[:3] * spacing[1]) - v0  # one column step
+    drow = world_to_voxel(affine_lps, frame_ipp + iop[3:] * spacing[0]) - v0  # one row step
     for vec in (v0, dcol, drow):
         if np.abs(vec - np.round(vec)).max() > tol:
             return None
@@ -544,7 +546,7 @@ def read_seg(
     FRACTIONAL frames count as inside above half of MaximumFractionalValue.
 
     Returns:
-        ``(labels_ijk, affine_lps)``: uint8 (uint16 when a label exceeds 255) and the grid's affine.
+        ``(labels_ijk, affine_lps)``: uint8 (uint16 when a label exceeds 255) and the grid's voxel -> LPS (mm) affine.
     """
     path = str(seg_path)
     try:
@@ -576,11 +578,11 @@ def read_seg(
     out_dtype = np.uint8 if max(label_of.values()) < 256 else np.uint16
 
     if reference is None:
-        affine, shape = _own_grid(frames, iop, spacing, rows, cols, ds, path)
+        affine_lps, shape = _own_grid(frames, iop, spacing, rows, cols, ds, path)
         ref_uids: dict[tuple[str, int], int] = {}
     else:
         vol = _reference_volume(reference, ds)
-        affine, shape = np.asarray(vol.affine_lps, dtype=np.float64), vol.shape
+        affine_lps, shape = np.asarray(vol.affine_lps, dtype=np.float64), vol.shape
         ref_uids = {}
         for k, rds in enumerate(vol.datasets):
             uid = _meta_uid(rds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
@@ -589,7 +591,7 @@ def read_seg(
     if iop is None or spacing is None:
         raise DicomError("SEG has no PlaneOrientation/PixelMeasures functional group", path)
 
-    ref_spacing = voxel_spacing(affine)
+    ref_spacing = voxel_spacing(affine_lps)
     labels = np.zeros(shape, dtype=out_dtype)
     filled = np.zeros(shape, dtype=bool) if overlap == "error" else None
     owner = np.zeros(shape, dtype=np.uint16) if overlap == "error" else None
@@ -602,7 +604,7 @@ def read_seg(
         if info.source_uid is not None:
             k_ref = ref_uids.get((info.source_uid, info.source_frame or 1))
         if info.ipp is not None:
-            idx = _place_frame(info.ipp, iop, spacing, rows, cols, affine, tol_voxel)
+            idx = _place_frame(info.ipp, iop, spacing, rows, cols, affine_lps, tol_voxel)
             if idx is None:
                 raise DicomError(
                     f"frame {f + 1} at {info.ipp.round(3).tolist()} mm does not lie on the reference grid "
@@ -645,7 +647,7 @@ def read_seg(
         labels[ii, jj, kk] = np.maximum(labels[ii, jj, kk], values.astype(out_dtype))
     if unplaced:
         raise DicomError(f"{unplaced} segmented pixels lie outside the reference grid {tuple(shape)}", path)
-    return labels, affine
+    return labels, affine_lps
 
 
 def seg_to_nifti(seg_path: str | Path, reference_folder: str | Path | None, output_path: str | Path, **kwargs) -> Path:

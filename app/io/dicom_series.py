@@ -227,7 +227,8 @@ def _check_and_sort(slices: list[_Slice], slice_tolerance: float, split_note: st
     return slices
 
 
-def _affine(slices: list[_Slice]) -> np.ndarray:
+def _affine_lps(slices: list[_Slice]) -> np.ndarray:
+    """Voxel (i = column, j = row, k = sorted slice) -> LPS (mm) affine of the sorted slices."""
     ref = slices[0]
     row, col = ref.iop[:3], ref.iop[3:]
     affine = np.eye(4)
@@ -337,7 +338,7 @@ def read_series_info(info: SeriesInfo, *, slice_tolerance: float = 0.01, decode_
     for file, ds in zip(info.files, info.headers):
         slices.extend(_multiframe_slices(file, ds))
     slices = _check_and_sort(slices, slice_tolerance, info.split_note)
-    affine = _affine(slices)
+    affine_lps = _affine_lps(slices)
     for file, ds in dict(zip(info.files, info.headers)).items():
         _check_transfer_syntax(file, ds)
 
@@ -359,7 +360,7 @@ def read_series_info(info: SeriesInfo, *, slice_tolerance: float = 0.01, decode_
 
     volume = SeriesVolume(
         array=out.transpose(2, 1, 0),  # [k, j, i] -> [i, j, k] (a view)
-        affine_lps=affine,
+        affine_lps=affine_lps,
         datasets=[s.header for s in slices],
         frame_numbers=[s.frame for s in slices],
         series_instance_uid=info.uid,
