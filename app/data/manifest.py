@@ -446,3 +446,15 @@ def create_manifest(
         atomic_write_text(output, manifest_to_json(doc))
         logger.info("wrote manifest with %d cases to %s", len(pairs), output)
     return doc
+
+
+def check_manifest_fold(manifest: str | Path, fold: int, check_checksums: bool = True) -> Manifest:
+    """The manifest, after checking it matches its data (files, checksums) and has fold ``fold``;
+    a :class:`ManifestError` listing every problem otherwise."""
+    problems = validate_manifest(manifest, check_content=False, check_checksums=check_checksums)
+    if problems:
+        raise ManifestError("the manifest does not match its data", problems, manifest)
+    m = load_manifest(manifest)
+    if not 0 <= int(fold) < m.num_folds:
+        raise ManifestError(f"--fold {fold} is outside 0..{m.num_folds - 1}", path=manifest)
+    return m

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.data.manifest import load_manifest, validate_manifest
+from app.data.manifest import check_manifest_fold
 from app.engine.bundle_config import bundle_parser
 from app.engine.checkpoint import load_network_weights
 from app.engine.device import resolve_device
 from app.engine.infer import BundlePredictor, find_nifti_inputs, predict_paths
-from app.errors import InputError, ManifestError
+from app.errors import InputError
 from app.paths import bundle_root
 
 
@@ -27,11 +27,7 @@ def evaluate(bundle: str, manifest: str, checkpoint: str | None = None, fold: in
              overrides: dict[str, Any] | None = None, extra_configs: Sequence[str] = ()) -> dict[str, float]:
     """Per-label Dice and HD95 (and their means) of a checkpoint on a manifest fold's validation cases."""
     ckpt = default_checkpoint(bundle, checkpoint)
-    problems = validate_manifest(manifest, check_content=False, check_checksums=True)
-    if problems:
-        raise ManifestError("the manifest does not match its data", problems, manifest)
-    if not 0 <= int(fold) < load_manifest(manifest).num_folds:
-        raise ManifestError(f"--fold {fold} is outside the manifest's folds", path=manifest)
+    check_manifest_fold(manifest, fold)
     resolve_device(device)
     opts = {"manifest": str(Path(manifest).resolve()), "fold": int(fold), "device_name": device, **(overrides or {})}
     parser = bundle_parser(bundle, ["train.json", *extra_configs], opts)

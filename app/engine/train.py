@@ -11,10 +11,9 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from app.data.manifest import load_manifest, validate_manifest
+from app.data.manifest import check_manifest_fold
 from app.engine.bundle_config import bundle_parser, run_sections, write_executed_config
 from app.engine.device import resolve_device
-from app.errors import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +26,7 @@ def train(bundle: str, manifest: str | None = None, fold: int = 0, epochs: int |
     resolve_device(device)  # fail early, naming --device
     opts: dict[str, Any] = {"fold": int(fold), "device_name": device, "resume": bool(resume)}
     if manifest:
-        problems = validate_manifest(manifest, check_content=False, check_checksums=check_checksums)
-        if problems:
-            raise ManifestError("the manifest does not match its data", problems, manifest)
-        m = load_manifest(manifest)
-        if not 0 <= int(fold) < m.num_folds:
-            raise ManifestError(f"--fold {fold} is outside 0..{m.num_folds - 1}", path=manifest)
+        check_manifest_fold(manifest, fold, check_checksums)
         opts["manifest"] = str(Path(manifest).resolve())
     if epochs is not None:
         opts["epochs"] = int(epochs)
