@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The project's shared real data (read-only), next to the repository; SEGAPP_SHARED_DATA overrides.
-SHARED_DATA = Path(os.environ.get("SEGAPP_SHARED_DATA", REPO.parent / "shared" / "data"))
-SAMPLE_MANIFEST = REPO / "sample_data" / "hippocampus" / "manifest.json"
+# Small real data shipped with the tests (copies of the project's shared data, see tests/data/README.md).
+TEST_DATA = REPO / "tests" / "data"
+SAMPLE_HIPPOCAMPUS = REPO / "sample_data" / "hippocampus"
+SAMPLE_MANIFEST = SAMPLE_HIPPOCAMPUS / "manifest.json"
 
 # A network and data budget small enough for a few seconds per epoch on 2 CPU cores.
 TINY = {
@@ -36,9 +37,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"the shared data folder is missing: {SHARED_DATA}"
-    return SHARED_DATA
+def real_data() -> Path:
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")

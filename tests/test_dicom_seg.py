@@ -19,9 +19,9 @@ from app.io.nifti import load_nifti
 from app.io.volume import SeriesVolume
 from dicom_phantoms import edit_file, write_enhanced_multiframe, write_phantom_series
 from dicom_validation import assert_dciodvfy_clean
-from conftest import SHARED_DATA
+from conftest import SAMPLE_HIPPOCAMPUS, TEST_DATA
 
-SHARED = SHARED_DATA
+SHARED = TEST_DATA
 SEGS = SHARED / "dicom_seg_refs" / "dcmqi" / "data" / "segmentations"
 PYDICOM_LIVER = SHARED / "dicom_seg_refs" / "pydicom_data_liver"
 

@@ -38,8 +38,8 @@ def _outputs(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("study", ["Study1", "Study2", "Study3"])
-def test_real_mr_series_seg_equals_nifti(study, shared_data, tmp_path, threshold_args):
-    src = shared_data / "mr_dicom_series" / study
+def test_real_mr_series_seg_equals_nifti(study, real_data, tmp_path, threshold_args):
+    src = real_data / "mr_dicom_series" / study
     out = tmp_path / "out"
     assert main(["infer", BUNDLE, "--input", str(src), "--output", str(out), "--format", "nifti,seg,rtstruct",
                  *threshold_args]) == 0
@@ -63,9 +63,9 @@ def test_real_mr_series_seg_equals_nifti(study, shared_data, tmp_path, threshold
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "5300000"
 
 
-def test_ct_series_refused_by_mr_rules_without_output(shared_data, tmp_path, threshold_args, capsys):
+def test_ct_series_refused_by_mr_rules_without_output(real_data, tmp_path, threshold_args, capsys):
     out = tmp_path / "out"
-    rc = main(["infer", BUNDLE, "--input", str(shared_data / "totalseg_example" / "ct_dicom"), "--output", str(out),
+    rc = main(["infer", BUNDLE, "--input", str(real_data / "totalseg_example" / "ct_dicom"), "--output", str(out),
                *threshold_args])
     assert rc == 2
     assert "no image series matches modality MR" in capsys.readouterr().err
@@ -94,8 +94,8 @@ def test_infer_send_to_orthanc_and_find_seg_by_qido(orthanc, tmp_path, threshold
         {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in info.files}
 
 
-def test_seg2nifti_cli_reads_dcmqi_liver_on_its_source_grid(shared_data, tmp_path):
-    root = shared_data / "dicom_seg_refs" / "dcmqi" / "data" / "segmentations"
+def test_seg2nifti_cli_reads_dcmqi_liver_on_its_source_grid(real_data, tmp_path):
+    root = real_data / "dicom_seg_refs" / "dcmqi" / "data" / "segmentations"
     out = tmp_path / "liver.nii.gz"
     assert main(["seg2nifti", str(root / "liver.dcm"), "--reference", str(root / "ct-3slice"), "--output", str(out)]) == 0
     img = nib.load(str(out))

@@ -20,11 +20,12 @@ from app.data.manifest import (
     load_manifest,
     validate_manifest,
 )
+from app.data.checks import structure_problems
 from app.errors import ConfigError, InputError, ManifestError
-from conftest import SHARED_DATA
+from conftest import SAMPLE_HIPPOCAMPUS, TEST_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = SHARED_DATA
+SHARED = TEST_DATA
 SAMPLE = REPO / "sample_data" / "hippocampus"
 LABELS = {0: "background", 1: "anterior", 2: "posterior"}
 CASES = ["hippocampus_003", "hippocampus_004", "hippocampus_006"]
@@ -353,15 +354,15 @@ def test_fold_datalist_from_bundle_config_and_monai_loading():
 # bundled manifests and sample data
 
 
-def test_hippocampus_manifest_matches_real_data():
+def test_hippocampus_manifest_structure():
+    """The manifest of the full MSD set (its files live outside the repo; bench/check_manifests.py checks them)."""
     path = REPO / "data_manifests" / "hippocampus.json"
     doc = json.loads(path.read_text())
     assert doc["data_root"] == "../../shared/data/msd_hippocampus"
-    m = load_manifest(path)
-    assert m.data_root == (SHARED / "msd_hippocampus").resolve()
-    assert len(m.cases) == 208 and m.labels == LABELS and m.num_folds == 5
-    assert sorted(len(v) for v in m.folds.values()) == [41, 41, 42, 42, 42]
-    assert validate_manifest(path) == []  # checksums and content of all 416 files (~2 s)
+    assert structure_problems(doc, str(path)) == []
+    assert len(doc["cases"]) == 208 and {int(k): v for k, v in doc["labels"].items()} == LABELS
+    folds = [sum(1 for c in doc["cases"] if c["fold"] == f) for f in range(doc["num_folds"])]
+    assert doc["num_folds"] == 5 and sorted(folds) == [41, 41, 42, 42, 42]
 
 
 def test_sample_data_manifest_and_size():

@@ -15,11 +15,11 @@ from app.data.manifest import create_manifest
 from app.errors import ConfigError, InputError
 from app.plan import compute_fingerprint, load_plan, make_plan, plan_from_manifest, write_plan
 from app.transforms.intensity import NormalizeFromPlan
-from conftest import SHARED_DATA
+from conftest import SAMPLE_HIPPOCAMPUS, TEST_DATA
 
-DATA = SHARED_DATA
+DATA = TEST_DATA
 TOTALSEG = DATA / "totalseg_example"
-HIPPO = DATA / "msd_hippocampus"
+HIPPO = SAMPLE_HIPPOCAMPUS
 
 
 def _save(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> str:

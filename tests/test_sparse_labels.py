@@ -17,7 +17,7 @@ from app.transforms.sparse_labels import (
     scribbles,
     sparsify_slices,
 )
-from conftest import SHARED_DATA
+from conftest import SAMPLE_HIPPOCAMPUS, TEST_DATA
 
 IGN = 255
 
@@ -143,7 +143,7 @@ def test_dictionary_transforms_are_per_case_deterministic():
     assert torch.equal(sa, sb) and (sa != IGN).any() and (sa == IGN).any()
 
 
-DATA = SHARED_DATA / "msd_hippocampus" / "labelsTr"
+DATA = SAMPLE_HIPPOCAMPUS / "labelsTr"
 
 
 def test_real_hippocampus_labels():

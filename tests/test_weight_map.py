@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from scipy import ndimage
 
 from app.transforms.weight_map import UNetWeightMapd, class_balance_weights, unet_weight_map
-from conftest import SHARED_DATA
+from conftest import SAMPLE_HIPPOCAMPUS, TEST_DATA
 
 
 def _two_boxes():
@@ -124,7 +124,7 @@ def test_real_hippocampus_label():
 
     from app.io.geometry import voxel_spacing
 
-    path = sorted((SHARED_DATA / "msd_hippocampus" / "labelsTr")
+    path = sorted((SAMPLE_HIPPOCAMPUS / "labelsTr")
                   .glob("hippocampus_*.nii.gz"))[0]
     img = nib.load(path)
     lab = np.asarray(img.dataobj).astype(np.uint8)
