@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ignite.engine import Events
 
-from app.engine.bundle_config import run_sections, write_executed_config
+from app.bundle.config import run_sections, write_executed_config
 
 
 def train_with_budget(parser, out: Path, minutes: float | None = None) -> tuple[int, float, Path]:
@@ -21,10 +21,12 @@ def train_with_budget(parser, out: Path, minutes: float | None = None) -> tuple[
     trainer = parser.get_parsed_content("train#trainer")
     t0 = time.perf_counter()
     if minutes:
+
         @trainer.on(Events.EPOCH_COMPLETED)
         def _budget(engine):
             if time.perf_counter() - t0 > minutes * 60:
                 engine.terminate()
+
     run_sections(parser)
     seconds = time.perf_counter() - t0
     model = out / "models" / "model.pt"

@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main(paths: list[str]) -> int:
     bad = 0
-    for path in paths or [str(p) for p in sorted((REPO / "data_manifests").glob("*.json")) if p.name != "manifest.schema.json"]:
+    for path in paths or [
+        str(p) for p in sorted((REPO / "data_manifests").glob("*.json")) if p.name != "manifest.schema.json"
+    ]:
         t0 = time.perf_counter()
         m = load_manifest(path)
         problems = validate_manifest(path)

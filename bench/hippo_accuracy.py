@@ -20,9 +20,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.engine.bundle_config import bundle_parser  # noqa: E402
-from app.engine.evaluate import evaluate  # noqa: E402
 from budget import train_with_budget  # noqa: E402  (bench/budget.py)
+
+from app.bundle.config import bundle_parser  # noqa: E402
+from app.evaluation.evaluate import evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -37,15 +38,26 @@ def main() -> None:
     ap.add_argument("--out", default="bench_runs/hippo_accuracy")
     a = ap.parse_args()
 
-    overrides = {"manifest": a.manifest, "fold": a.fold, "device_name": a.device, "output_dir": str(Path(a.out).resolve())}
+    overrides = {
+        "manifest": a.manifest,
+        "fold": a.fold,
+        "device_name": a.device,
+        "output_dir": str(Path(a.out).resolve()),
+    }
     if a.epochs:
         overrides["epochs"] = a.epochs
     parser = bundle_parser(a.bundle, ["train.json", *a.config], overrides)
     epochs_run, train_s, model = train_with_budget(parser, Path(a.out), a.minutes)
     metrics = evaluate(a.bundle, a.manifest, str(model), a.fold, a.device, extra_configs=a.config)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else "CPU"
-    result = {"device": device, "bundle": a.bundle, "fold": a.fold, "epochs_run": epochs_run,
-              "train_seconds": round(train_s, 1), **{k: round(v, 4) for k, v in metrics.items()}}
+    result = {
+        "device": device,
+        "bundle": a.bundle,
+        "fold": a.fold,
+        "epochs_run": epochs_run,
+        "train_seconds": round(train_s, 1),
+        **{k: round(v, 4) for k, v in metrics.items()},
+    }
     print(json.dumps(result, indent=2))
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # so the bundle config
 
 import pydicom  # noqa: E402
 from pydicom.dataset import FileDataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid  # noqa: E402
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from app.networks.unet3d import UNet3D  # noqa: E402
 
@@ -76,8 +76,9 @@ def ct_slice(shape_ij: tuple[int, int], k: int, nk: int, rng: np.random.Generato
     """HU of axial slice ``k`` as ``[i, j]``: air, an elliptic body with fat rim, lungs in the upper
     half of the slices, a spine, and noise."""
     ni, nj = shape_ij
-    i, j = np.meshgrid(np.linspace(-1, 1, ni, dtype=np.float32), np.linspace(-1, 1, nj, dtype=np.float32),
-                       indexing="ij")
+    i, j = np.meshgrid(
+        np.linspace(-1, 1, ni, dtype=np.float32), np.linspace(-1, 1, nj, dtype=np.float32), indexing="ij"
+    )
     z = k / max(1, nk - 1)
     body = (i / 0.85) ** 2 + (j / 0.65) ** 2
     hu = np.full(shape_ij, -1000.0, dtype=np.float32)
@@ -129,21 +130,52 @@ def write_ct_series(folder: Path, shape: tuple[int, int, int], spacing: tuple[fl
 
 
 def bundle_overrides(classes: int, features: list[int], roi: list[int], spacing_net: float) -> dict:
-    segments = [{"label_value": c, "label_name": f"class {c}",
-                 "category_code": ["123037004", "SCT", "Anatomical Structure"],
-                 "type_code": ["85756007", "SCT", "Tissue"]} for c in range(1, classes)]
-    return {"network_def": {"_target_": "infer_speed.CTBenchNet", "in_channels": 1, "out_channels": classes,
-                            "features": features},
-            "num_classes": classes, "patch_size": roi, "target_spacing": [spacing_net] * 3,
-            "_meta_#series_rules": {"modality": ["CT"], "min_slices": 8}, "_meta_#segments": segments}
+    segments = [
+        {
+            "label_value": c,
+            "label_name": f"class {c}",
+            "category_code": ["123037004", "SCT", "Anatomical Structure"],
+            "type_code": ["85756007", "SCT", "Tissue"],
+        }
+        for c in range(1, classes)
+    ]
+    return {
+        "network_def": {
+            "_target_": "infer_speed.CTBenchNet",
+            "in_channels": 1,
+            "out_channels": classes,
+            "features": features,
+        },
+        "num_classes": classes,
+        "patch_size": roi,
+        "target_spacing": [spacing_net] * 3,
+        "_meta_#series_rules": {"modality": ["CT"], "min_slices": 8},
+        "_meta_#segments": segments,
+    }
 
 
 def run_segapp(series: Path, out: Path, ckpt: Path, overrides: dict, device: str) -> tuple[dict, np.ndarray]:
     from app.cli import main
 
     t0 = time.perf_counter()
-    rc = main(["infer", BUNDLE, "--input", str(series), "--output", str(out), "--format", "seg", "--checkpoint",
-               str(ckpt), "--device", device, "--override", json.dumps(overrides)])
+    rc = main(
+        [
+            "infer",
+            BUNDLE,
+            "--input",
+            str(series),
+            "--output",
+            str(out),
+            "--format",
+            "seg",
+            "--checkpoint",
+            str(ckpt),
+            "--device",
+            device,
+            "--override",
+            json.dumps(overrides),
+        ]
+    )
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"segapp infer failed with exit code {rc}")
@@ -156,23 +188,46 @@ def run_segapp(series: Path, out: Path, ckpt: Path, overrides: dict, device: str
     return {**timings, "wall_s": wall}, labels
 
 
-def run_monai(series: Path, out: Path, ckpt: Path, classes: int, features: list[int], roi: list[int],
-              spacing_net: float, device: torch.device) -> tuple[dict, np.ndarray, np.ndarray]:
+def run_monai(
+    series: Path,
+    out: Path,
+    ckpt: Path,
+    classes: int,
+    features: list[int],
+    roi: list[int],
+    spacing_net: float,
+    device: torch.device,
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """The MONAI-default pipeline; returns timings, labels and their RAS affine (MONAI's grid)."""
     import highdicom as hd
     from monai.data import PydicomReader
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
-                                  NormalizeIntensityd, Orientationd, SaveImaged, Spacingd)
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        SaveImaged,
+        Spacingd,
+    )
     from pydicom.sr.codedict import codes
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     t = {}
     t0 = time.perf_counter()
-    pre = Compose([LoadImaged("image", reader=PydicomReader()), EnsureChannelFirstd("image"),
-                   Orientationd("image", axcodes="RAS"),
-                   Spacingd("image", pixdim=[spacing_net] * 3, mode="bilinear"),
-                   NormalizeIntensityd("image", nonzero=True, channel_wise=True)])
+    pre = Compose(
+        [
+            LoadImaged("image", reader=PydicomReader()),
+            EnsureChannelFirstd("image"),
+            Orientationd("image", axcodes="RAS"),
+            Spacingd("image", pixdim=[spacing_net] * 3, mode="bilinear"),
+            NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        ]
+    )
     data = pre({"image": str(series)})
     t["load_preprocess_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -185,11 +240,21 @@ def run_monai(series: Path, out: Path, ckpt: Path, classes: int, features: list[
     sync()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    post = Compose([Activationsd("pred", softmax=True),
-                    Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
-                    AsDiscreted("pred", argmax=True),
-                    SaveImaged("pred", output_dir=str(out), output_postfix="seg", separate_folder=False,
-                               output_dtype=np.uint8, print_log=False)])
+    post = Compose(
+        [
+            Activationsd("pred", softmax=True),
+            Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted("pred", argmax=True),
+            SaveImaged(
+                "pred",
+                output_dir=str(out),
+                output_postfix="seg",
+                separate_folder=False,
+                output_dtype=np.uint8,
+                print_log=False,
+            ),
+        ]
+    )
     data["pred"] = data["pred"].float()
     data = post(data)
     sync()
@@ -218,20 +283,36 @@ def run_monai(series: Path, out: Path, ckpt: Path, classes: int, features: list[
         if m[perm[ax], ax] < 0:
             on_files = np.flip(on_files, axis=ax)
     frames = np.ascontiguousarray(on_files.transpose(2, 1, 0))  # (frames, rows, columns)
-    algo = hd.AlgorithmIdentificationSequence(name="monai-default", family=codes.cid7162.ArtificialIntelligence,
-                                              version="1")
-    desc = [hd.seg.SegmentDescription(segment_number=c, segment_label=f"class {c}",
-                                      segmented_property_category=codes.SCT.AnatomicalStructure,
-                                      segmented_property_type=codes.SCT.Tissue,
-                                      algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                                      algorithm_identification=algo) for c in range(1, classes)]
+    algo = hd.AlgorithmIdentificationSequence(
+        name="monai-default", family=codes.cid7162.ArtificialIntelligence, version="1"
+    )
+    desc = [
+        hd.seg.SegmentDescription(
+            segment_number=c,
+            segment_label=f"class {c}",
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+        )
+        for c in range(1, classes)
+    ]
     sources = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
     by_uid = {s.SOPInstanceUID: s for s in sources}
-    seg = hd.seg.Segmentation(source_images=[by_uid[h.SOPInstanceUID] for h in headers], pixel_array=frames,
-                              segmentation_type="BINARY", segment_descriptions=desc, series_instance_uid=generate_uid(),
-                              series_number=901, sop_instance_uid=generate_uid(), instance_number=1,
-                              manufacturer="bench", manufacturer_model_name="monai-default", software_versions="1",
-                              device_serial_number="0")
+    seg = hd.seg.Segmentation(
+        source_images=[by_uid[h.SOPInstanceUID] for h in headers],
+        pixel_array=frames,
+        segmentation_type="BINARY",
+        segment_descriptions=desc,
+        series_instance_uid=generate_uid(),
+        series_number=901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="bench",
+        manufacturer_model_name="monai-default",
+        software_versions="1",
+        device_serial_number="0",
+    )
     seg.save_as(out / "monai_seg.dcm")
     t["seg_write_s"] = time.perf_counter() - t0
     return t, frames.transpose(2, 1, 0), affine_lps  # [i, j, k] on the files' grid
@@ -259,7 +340,7 @@ def main() -> None:
     ap.add_argument("--skip-monai", action="store_true")
     a = ap.parse_args()
 
-    from app.engine.device import resolve_device
+    from app.runtime.device import resolve_device
 
     device = resolve_device(a.device)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="infer_speed_"))
@@ -287,35 +368,48 @@ def main() -> None:
         shutil.rmtree(work / d, ignore_errors=True)
         (work / d).mkdir(parents=True)
     seg_t, seg_labels = run_segapp(series, work / "out_segapp", ckpt, overrides, str(device))
-    cpu = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-           f"{torch.get_num_threads()} threads)")
+    cpu = (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    print(f"\ndevice: {name}; torch {torch.__version__}; classes {a.classes}; network grid {a.spacing_net} mm; "
-          f"roi {a.roi}; features {a.features}\n")
-    rows = [("read + decode", seg_t["read_s"]), ("preprocess (to network grid)", seg_t["preprocess_s"]),
-            ("network", seg_t["network_s"]), ("stitching", seg_t["stitch_s"]),
-            ("postprocess + inverse resampling", seg_t["postprocess_s"]), ("SEG write", seg_t["seg_write_s"]),
-            ("overlay PNG", seg_t.get("overlay_write_s", 0.0))]
+    print(
+        f"\ndevice: {name}; torch {torch.__version__}; classes {a.classes}; network grid {a.spacing_net} mm; "
+        f"roi {a.roi}; features {a.features}\n"
+    )
+    rows = [
+        ("read + decode", seg_t["read_s"]),
+        ("preprocess (to network grid)", seg_t["preprocess_s"]),
+        ("network", seg_t["network_s"]),
+        ("stitching", seg_t["stitch_s"]),
+        ("postprocess + inverse resampling", seg_t["postprocess_s"]),
+        ("SEG write", seg_t["seg_write_s"]),
+        ("overlay PNG", seg_t.get("overlay_write_s", 0.0)),
+    ]
     print(f"{'segapp infer':<36}{'s':>8}")
     for k, v in rows:
         print(f"  {k:<34}{v:8.2f}")
     print(f"  {'total (CLI, incl. config + model)':<34}{seg_t['wall_s']:8.2f}")
     if a.skip_monai:
         return
-    mon_t, mon_labels, mon_affine_lps = run_monai(series, work / "out_monai", ckpt, a.classes, a.features, a.roi,
-                                                  a.spacing_net, device)
+    mon_t, mon_labels, mon_affine_lps = run_monai(
+        series, work / "out_monai", ckpt, a.classes, a.features, a.roi, a.spacing_net, device
+    )
     mon_total = sum(mon_t.values())
     print(f"\n{'MONAI default':<36}{'s':>8}")
-    for k, v in [("LoadImaged + preprocessing", mon_t["load_preprocess_s"]),
-                 ("network (sliding window)", mon_t["network_s"]),
-                 ("softmax + Invertd + argmax + SaveImaged", mon_t["invert_save_s"]),
-                 ("SEG write (highdicom)", mon_t["seg_write_s"])]:
+    for k, v in [
+        ("LoadImaged + preprocessing", mon_t["load_preprocess_s"]),
+        ("network (sliding window)", mon_t["network_s"]),
+        ("softmax + Invertd + argmax + SaveImaged", mon_t["invert_save_s"]),
+        ("SEG write (highdicom)", mon_t["seg_write_s"]),
+    ]:
         print(f"  {k:<34}{v:8.2f}")
     print(f"  {'total':<34}{mon_total:8.2f}")
     dice = dice_per_label(seg_labels, mon_labels, a.classes)
-    print(f"\nspeed-up (MONAI total / segapp total): {mon_total / seg_t['wall_s']:.2f}x; without the network: "
-          f"{mon_total - mon_t['network_s']:.2f} s / {seg_t['wall_s'] - seg_t['network_s']:.2f} s = "
-          f"{(mon_total - mon_t['network_s']) / (seg_t['wall_s'] - seg_t['network_s']):.2f}x")
+    print(
+        f"\nspeed-up (MONAI total / segapp total): {mon_total / seg_t['wall_s']:.2f}x; without the network: "
+        f"{mon_total - mon_t['network_s']:.2f} s / {seg_t['wall_s'] - seg_t['network_s']:.2f} s = "
+        f"{(mon_total - mon_t['network_s']) / (seg_t['wall_s'] - seg_t['network_s']):.2f}x"
+    )
     print("Dice segapp vs MONAI per label: " + ", ".join(f"{c}: {d:.4f}" for c, d in dice.items()))
     print(f"labels equal on {100.0 * float((seg_labels == mon_labels).mean()):.3f} % of voxels")
     print(f"work folder: {work}")

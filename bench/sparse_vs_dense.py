@@ -3,7 +3,7 @@
 Trains ``hippocampus_unet3d`` (dense labels) and ``hippocampus_unet3d_sparse`` (a few orthogonal
 planes per case, the rest ignored) with the same budget (epochs, cases, network, patches, seed) on
 one fold of the MSD hippocampus data, evaluates both on the fold's DENSE validation labels with
-``app.engine.evaluate.evaluate`` and prints both mean Dice values, their ratio (goal >= 0.95), the
+``app.evaluation.evaluate.evaluate`` and prints both mean Dice values, their ratio (goal >= 0.95), the
 labelled-slice fraction of the sparse training labels, and the ``hippocampus_vnet`` bundle's Dice on
 the same fold.
 
@@ -31,11 +31,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.data.manifest import fold_datalist  # noqa: E402
-from app.engine.bundle_config import bundle_parser  # noqa: E402
-from app.engine.evaluate import evaluate  # noqa: E402
-from app.io.atomic import atomic_write_text  # noqa: E402
 from budget import train_with_budget  # noqa: E402  (bench/budget.py)
+
+from app.bundle.config import bundle_parser  # noqa: E402
+from app.data.manifest import fold_datalist  # noqa: E402
+from app.evaluation.evaluate import evaluate  # noqa: E402
+from app.io.atomic import atomic_write_text  # noqa: E402
 
 DENSE, SPARSE, VNET = "hippocampus_unet3d", "hippocampus_unet3d_sparse", "hippocampus_vnet"
 log = logging.getLogger("bench.sparse_vs_dense")
@@ -52,8 +53,14 @@ def _data_overrides(a: argparse.Namespace) -> dict:
 
 
 def _overrides(a: argparse.Namespace, bundle: str) -> dict:
-    opts = {"manifest": str(Path(a.manifest).resolve()), "fold": a.fold, "device_name": a.device,
-            "output_dir": str((Path(a.out) / bundle).resolve()), "seed": a.seed, **_data_overrides(a)}
+    opts = {
+        "manifest": str(Path(a.manifest).resolve()),
+        "fold": a.fold,
+        "device_name": a.device,
+        "output_dir": str((Path(a.out) / bundle).resolve()),
+        "seed": a.seed,
+        **_data_overrides(a),
+    }
     if a.epochs:
         opts["epochs"] = a.epochs
         # validate only at the end (CPU time goes to training); evaluation below is on the final weights
@@ -69,10 +76,15 @@ def train_and_evaluate(a: argparse.Namespace, bundle: str) -> dict:
     parser = bundle_parser(bundle, ["train.json", *a.config], overrides)
     epochs_run, train_s, model = train_with_budget(parser, Path(overrides["output_dir"]), a.minutes)
     eval_overrides = {"validate#dataset#data": _data_overrides(a)["validate#dataset#data"]}
-    metrics = evaluate(bundle, a.manifest, str(model), a.fold, a.device, overrides=eval_overrides,
-                       extra_configs=a.config)
-    return {"bundle": bundle, "epochs_run": epochs_run, "train_seconds": round(train_s, 1),
-            **{k: round(v, 4) for k, v in metrics.items()}}
+    metrics = evaluate(
+        bundle, a.manifest, str(model), a.fold, a.device, overrides=eval_overrides, extra_configs=a.config
+    )
+    return {
+        "bundle": bundle,
+        "epochs_run": epochs_run,
+        "train_seconds": round(train_s, 1),
+        **{k: round(v, 4) for k, v in metrics.items()},
+    }
 
 
 def labelled_fraction(a: argparse.Namespace) -> dict:
@@ -91,9 +103,12 @@ def labelled_fraction(a: argparse.Namespace) -> dict:
         planes, slices = planes + n, slices + sum(lab.shape)
         voxels, total = voxels + int(lab.sum()), total + lab.size
         worst = max(worst, n / sum(lab.shape))
-    return {"slices_per_axis": parser.get_parsed_content("sparse_slices_per_axis"),
-            "labelled_slice_fraction": round(planes / slices, 4), "max_case_slice_fraction": round(worst, 4),
-            "labelled_voxel_fraction": round(voxels / total, 4)}
+    return {
+        "slices_per_axis": parser.get_parsed_content("sparse_slices_per_axis"),
+        "labelled_slice_fraction": round(planes / slices, 4),
+        "max_case_slice_fraction": round(worst, 4),
+        "labelled_voxel_fraction": round(voxels / total, 4),
+    }
 
 
 def main() -> None:
@@ -126,9 +141,15 @@ def main() -> None:
     dense, sparse = results[DENSE]["val_mean_dice"], results[SPARSE]["val_mean_dice"]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and a.device != "cpu" else "CPU"
     summary = {
-        "device": device, "fold": a.fold, "epochs": a.epochs, "minutes": a.minutes,
-        "max_train_cases": a.max_train_cases, "max_val_cases": a.max_val_cases, "configs": a.config,
-        "dense_mean_dice": dense, "sparse_mean_dice": sparse,
+        "device": device,
+        "fold": a.fold,
+        "epochs": a.epochs,
+        "minutes": a.minutes,
+        "max_train_cases": a.max_train_cases,
+        "max_val_cases": a.max_val_cases,
+        "configs": a.config,
+        "dense_mean_dice": dense,
+        "sparse_mean_dice": sparse,
         "ratio_sparse_to_dense": round(sparse / dense, 4) if dense > 0 else None,
         **fraction,
         "vnet_mean_dice": results[VNET]["val_mean_dice"] if VNET in results else None,

@@ -50,7 +50,7 @@ from monai.transforms import (  # noqa: E402
     RandSpatialCropd,
 )
 
-from app.engine.prepare_batch import AugmentPrepareBatch  # noqa: E402
+from app.training.prepare_batch import AugmentPrepareBatch  # noqa: E402
 from app.transforms.batch_augment import BatchAugment, monai_elastic_rms  # noqa: E402
 
 KEYS = ("image", "label")
@@ -85,18 +85,30 @@ def make_setups(quick: bool) -> dict[str, Setup]:
 def make_network(setup: Setup) -> tuple[torch.nn.Module, str]:
     if setup.name == "spleen":
         net = monai.networks.nets.UNet(
-            spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
-            strides=(2, 2, 2, 2), num_res_units=2, norm="batch",
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=2,
+            channels=(16, 32, 64, 128, 256),
+            strides=(2, 2, 2, 2),
+            num_res_units=2,
+            norm="batch",
         )
         return net, "monai UNet (spleen bundle)"
     try:
         from app.networks.unet3d import UNet3D
 
-        return UNet3D(in_channels=1, out_channels=setup.classes, features=(16, 32, 64, 128)), "segapp UNet3D(16,32,64,128)"
+        return UNet3D(
+            in_channels=1, out_channels=setup.classes, features=(16, 32, 64, 128)
+        ), "segapp UNet3D(16,32,64,128)"
     except ImportError:
         net = monai.networks.nets.UNet(
-            spatial_dims=3, in_channels=1, out_channels=setup.classes, channels=(16, 32, 64, 128),
-            strides=(2, 2, 2), num_res_units=2, norm="batch",
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=setup.classes,
+            channels=(16, 32, 64, 128),
+            strides=(2, 2, 2),
+            num_res_units=2,
+            norm="batch",
         )
         return net, "monai UNet(16,32,64,128) (UNet3D missing)"
 
@@ -120,10 +132,25 @@ def monai_aug(device: torch.device | None) -> list:
     """MONAI's dict transforms for the recipe (``device`` set: grids made and resampled there)."""
     dev = {"device": device} if device is not None else {}
     return [
-        Rand3DElasticd(KEYS, sigma_range=SIGMA, magnitude_range=MONAI_MAGNITUDE, prob=1.0,
-                       mode=("bilinear", "nearest"), padding_mode="zeros", **dev),
-        RandAffined(KEYS, prob=1.0, rotate_range=(ROTATE,) * 3, scale_range=(SCALE,) * 3,
-                    translate_range=(TRANSLATE,) * 3, mode=("bilinear", "nearest"), padding_mode="zeros", **dev),
+        Rand3DElasticd(
+            KEYS,
+            sigma_range=SIGMA,
+            magnitude_range=MONAI_MAGNITUDE,
+            prob=1.0,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+            **dev,
+        ),
+        RandAffined(
+            KEYS,
+            prob=1.0,
+            rotate_range=(ROTATE,) * 3,
+            scale_range=(SCALE,) * 3,
+            translate_range=(TRANSLATE,) * 3,
+            mode=("bilinear", "nearest"),
+            padding_mode="zeros",
+            **dev,
+        ),
         *[RandFlipd(KEYS, prob=0.5, spatial_axis=a) for a in range(3)],
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
@@ -134,13 +161,27 @@ def monai_aug(device: torch.device | None) -> list:
 
 def segapp_aug(seed: int) -> BatchAugment:
     return BatchAugment(
-        prob_elastic=1.0, sigma_range=SIGMA,
+        prob_elastic=1.0,
+        sigma_range=SIGMA,
         # the same RMS displacement as MONAI's magnitude_range at the sigma ends
-        magnitude_range=(monai_elastic_rms(SIGMA[1], MONAI_MAGNITUDE[0]), monai_elastic_rms(SIGMA[0], MONAI_MAGNITUDE[1])),
-        prob_affine=1.0, rotate_range=ROTATE, scale_range=SCALE, translate_range=TRANSLATE,
-        prob_flip=0.5, flip_axes=(0, 1, 2),
-        prob_contrast=0.5, contrast_range=0.1, prob_brightness=0.5, brightness_range=0.1,
-        prob_gamma=0.3, gamma_range=(0.7, 1.5), prob_noise=0.3, noise_std=0.05,
+        magnitude_range=(
+            monai_elastic_rms(SIGMA[1], MONAI_MAGNITUDE[0]),
+            monai_elastic_rms(SIGMA[0], MONAI_MAGNITUDE[1]),
+        ),
+        prob_affine=1.0,
+        rotate_range=ROTATE,
+        scale_range=SCALE,
+        translate_range=TRANSLATE,
+        prob_flip=0.5,
+        flip_axes=(0, 1, 2),
+        prob_contrast=0.5,
+        contrast_range=0.1,
+        prob_brightness=0.5,
+        brightness_range=0.1,
+        prob_gamma=0.3,
+        gamma_range=(0.7, 1.5),
+        prob_noise=0.3,
+        noise_std=0.05,
         seed=seed,
     )
 
@@ -154,8 +195,10 @@ class MonaiDevicePrepare:
     def __call__(self, batch, device, non_blocking=False):
         img, lab = default_prepare_batch(batch, device, non_blocking)
         outs = [self.tf({"image": img[i], "label": lab[i]}) for i in range(img.shape[0])]
-        return (torch.stack([torch.as_tensor(o["image"]) for o in outs]),
-                torch.stack([torch.as_tensor(o["label"]) for o in outs]))
+        return (
+            torch.stack([torch.as_tensor(o["image"]) for o in outs]),
+            torch.stack([torch.as_tensor(o["label"]) for o in outs]),
+        )
 
 
 def sync(device: torch.device) -> None:
@@ -207,8 +250,11 @@ def run_setup(setup: Setup, args, device: torch.device) -> list[dict]:
         return iter(DataLoader(ds, batch_size=setup.batch, num_workers=workers, pin_memory=pin, shuffle=False))
 
     net_template, net_name = make_network(setup)
-    print(f"\n== {setup.name}: {net_name}, crop {setup.roi}, {setup.batch} patches/step, "
-          f"AMP {'on' if device.type == 'cuda' else 'off'}", flush=True)
+    print(
+        f"\n== {setup.name}: {net_name}, crop {setup.roi}, {setup.batch} patches/step, "
+        f"AMP {'on' if device.type == 'cuda' else 'off'}",
+        flush=True,
+    )
 
     # a sample batch, to time the augmentations on their own
     sample = next(loader([crop], 0))
@@ -230,10 +276,14 @@ def run_setup(setup: Setup, args, device: torch.device) -> list[dict]:
 
     results = []
     if args.aug_only:
-        print(f"augmentation alone, ms/batch: (a) MONAI CPU {aug_a * 1e3:.1f} (1 core)  "
-              f"(b) MONAI on device {aug_b * 1e3:.1f}  (c) segapp BatchAugment {aug_c * 1e3:.1f}")
-        return [{"setup": setup.name, "pipeline": k, "aug_ms_per_batch": v * 1e3}
-                for k, v in (("a", aug_a), ("b", aug_b), ("c", aug_c))]
+        print(
+            f"augmentation alone, ms/batch: (a) MONAI CPU {aug_a * 1e3:.1f} (1 core)  "
+            f"(b) MONAI on device {aug_b * 1e3:.1f}  (c) segapp BatchAugment {aug_c * 1e3:.1f}"
+        )
+        return [
+            {"setup": setup.name, "pipeline": k, "aug_ms_per_batch": v * 1e3}
+            for k, v in (("a", aug_a), ("b", aug_b), ("c", aug_c))
+        ]
 
     def fresh_net():
         net, _ = make_network(setup)
@@ -249,7 +299,12 @@ def run_setup(setup: Setup, args, device: torch.device) -> list[dict]:
 
     net_rate = train_loop(setup, fresh_net(), forever(staged), default_prepare_batch, device, args.steps, args.warmup)
     plan = {
-        "a": ("MONAI CPU workers", lambda: loader([crop, *monai_aug(None)], args.workers), default_prepare_batch, aug_a),
+        "a": (
+            "MONAI CPU workers",
+            lambda: loader([crop, *monai_aug(None)], args.workers),
+            default_prepare_batch,
+            aug_a,
+        ),
         "b": ("MONAI on device", lambda: loader([crop], args.workers), dev_prep, aug_b),
         "c": ("segapp BatchAugment", lambda: loader([crop], args.workers), AugmentPrepareBatch(seg_aug), aug_c),
         "d": ("crops only", lambda: loader([crop], args.workers), default_prepare_batch, 0.0),
@@ -258,10 +313,24 @@ def run_setup(setup: Setup, args, device: torch.device) -> list[dict]:
     for key in args.pipelines:
         label, make_loader, prep, aug_s = plan[key]
         rates[key] = train_loop(setup, fresh_net(), make_loader(), prep, device, args.steps, args.warmup)
-        results.append({"setup": setup.name, "pipeline": key, "name": label, "patches_per_s": rates[key],
-                        "aug_ms_per_batch": aug_s * 1e3})
-    results.append({"setup": setup.name, "pipeline": "net", "name": "network only", "patches_per_s": net_rate,
-                    "aug_ms_per_batch": 0.0})
+        results.append(
+            {
+                "setup": setup.name,
+                "pipeline": key,
+                "name": label,
+                "patches_per_s": rates[key],
+                "aug_ms_per_batch": aug_s * 1e3,
+            }
+        )
+    results.append(
+        {
+            "setup": setup.name,
+            "pipeline": "net",
+            "name": "network only",
+            "patches_per_s": net_rate,
+            "aug_ms_per_batch": 0.0,
+        }
+    )
 
     base = rates.get("d")
     print(f"{'pipeline':<28}{'patches/s':>10}{'vs (d)':>9}{'aug ms/batch':>14}")
@@ -271,8 +340,10 @@ def run_setup(setup: Setup, args, device: torch.device) -> list[dict]:
         head = f"({r['pipeline']}) {r['name']}"
         print(f"{head:<28}{r['patches_per_s']:10.1f}{ratio}{r['aug_ms_per_batch']:14.1f}{note}")
     if "a" in rates:
-        print(f"    (a) CPU ceiling with {args.workers} workers: {args.workers * setup.batch / aug_a:.1f} patches/s "
-              f"(augmentation alone, ideal scaling)")
+        print(
+            f"    (a) CPU ceiling with {args.workers} workers: {args.workers * setup.batch / aug_a:.1f} patches/s "
+            f"(augmentation alone, ideal scaling)"
+        )
     return results
 
 
@@ -303,9 +374,13 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
         where = f"cuda: {torch.cuda.get_device_name(device)}"
     else:
-        where = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    print(f"device {where}; torch {torch.__version__}, monai {monai.__version__}; workers {args.workers}; "
-          f"steps {args.steps} (+{args.warmup} warm-up){'; QUICK sizes' if args.quick else ''}", flush=True)
+        cpu = platform.processor() or platform.machine()
+        where = f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    print(
+        f"device {where}; torch {torch.__version__}, monai {monai.__version__}; workers {args.workers}; "
+        f"steps {args.steps} (+{args.warmup} warm-up){'; QUICK sizes' if args.quick else ''}",
+        flush=True,
+    )
 
     setups = make_setups(args.quick)
     results = []

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -217,7 +218,9 @@ def check_case(
 
     if image is not None:
         if image.data.ndim not in (3, 4):
-            problems.append(f"{case.image}: {where}: image must be 3D or 4D (channels last), got shape {image.data.shape}")
+            problems.append(
+                f"{case.image}: {where}: image must be 3D or 4D (channels last), got shape {image.data.shape}"
+            )
         elif np.issubdtype(image.data.dtype, np.floating):
             n_bad = int(image.data.size - np.count_nonzero(np.isfinite(image.data)))
             if n_bad:

@@ -54,6 +54,7 @@ _IMAGE_SUFFIXES = (".nii.gz", ".nii")
 # nnU-Net names images "<case>_0000.nii.gz" (channel 0) and labels "<case>.nii.gz".
 _CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
 
+
 @dataclass(frozen=True)
 class Case:
     """One image/label pair. ``image`` and ``label`` are absolute paths."""
@@ -116,7 +117,9 @@ class Manifest:
 
     def validate(self, check_content: bool = True, check_checksums: bool = True, workers: int = 1) -> list[str]:
         """All problems with this manifest and its files (see :func:`validate_manifest`)."""
-        return validate_manifest(self.path, check_content=check_content, check_checksums=check_checksums, workers=workers)
+        return validate_manifest(
+            self.path, check_content=check_content, check_checksums=check_checksums, workers=workers
+        )
 
     def raise_if_invalid(self, check_content: bool = True, check_checksums: bool = True) -> None:
         """Raise :class:`ManifestError` listing every problem, if there is any."""

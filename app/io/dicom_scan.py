@@ -41,8 +41,9 @@ _ORIENTATION_LABEL_DEG = 1.0
 
 _MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Modalities whose objects are not images to segment (they may reference images).
-NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "REG",
-                                  "DOC", "FID", "PLAN"})
+NON_IMAGE_MODALITIES = frozenset(
+    {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "REG", "DOC", "FID", "PLAN"}
+)
 _RULE_KEYS = {"modality", "min_slices", "max_slices", "description_regex", "orientation"}
 
 
@@ -88,9 +89,11 @@ class SeriesInfo:
     def summary(self) -> str:
         """One line for listings: key, modality, description, slice count, size, orientation."""
         kind = "" if self.is_image else " (not an image series)"
-        return (f"{self.key or '(no UID)'} | {self.modality or '?'} | '{self.description}' | "
-                f"{self.n_slices} {'frame(s)' if self.multiframe else 'slice(s)'} | {self.columns}x{self.rows} | "
-                f"{self.orientation}{kind}")
+        return (
+            f"{self.key or '(no UID)'} | {self.modality or '?'} | '{self.description}' | "
+            f"{self.n_slices} {'frame(s)' if self.multiframe else 'slice(s)'} | {self.columns}x{self.rows} | "
+            f"{self.orientation}{kind}"
+        )
 
 
 @dataclass
@@ -223,9 +226,14 @@ def _base_key(ds: Dataset) -> tuple:
     if uid:
         return (uid,)
     # Blank UID (anonymised data): group by what else identifies a series.
-    return ("", str(ds.get("StudyInstanceUID", "") or ""), str(ds.get("SeriesNumber", "") or ""),
-            str(ds.get("Modality", "") or ""), str(ds.get("FrameOfReferenceUID", "") or ""),
-            str(ds.get("SeriesDescription", "") or ""))
+    return (
+        "",
+        str(ds.get("StudyInstanceUID", "") or ""),
+        str(ds.get("SeriesNumber", "") or ""),
+        str(ds.get("Modality", "") or ""),
+        str(ds.get("FrameOfReferenceUID", "") or ""),
+        str(ds.get("SeriesDescription", "") or ""),
+    )
 
 
 def _group(headers: list[tuple[str, Dataset]]) -> list[SeriesInfo]:
@@ -249,8 +257,10 @@ def _group(headers: list[tuple[str, Dataset]]) -> list[SeriesInfo]:
                 key = f"noUID#{no_uid_count}" if len(stacks) == 1 else f"noUID#{no_uid_count}.{n}"
             infos.append(_make_info(key, uid, stack))
         if len(infos) > 1:
-            note = (f"series UID {uid or '(blank)'} holds {len(infos)} stacks that differ in image plane, "
-                    f"Rows x Columns, SeriesNumber or object: " + "; ".join(i.summary() for i in infos))
+            note = (
+                f"series UID {uid or '(blank)'} holds {len(infos)} stacks that differ in image plane, "
+                f"Rows x Columns, SeriesNumber or object: " + "; ".join(i.summary() for i in infos)
+            )
             for info in infos:
                 info.split_note = note
         out.extend(infos)
@@ -372,8 +382,9 @@ def _matches(s: SeriesInfo, rules: dict) -> bool:
     return True
 
 
-def select_series(series: list[SeriesInfo], series_uid: str | None = None,
-                  rules: dict | None = None) -> tuple[SeriesInfo, str]:
+def select_series(
+    series: list[SeriesInfo], series_uid: str | None = None, rules: dict | None = None
+) -> tuple[SeriesInfo, str]:
     """Pick one image series and say why.
 
     Args:
@@ -401,25 +412,31 @@ def select_series(series: list[SeriesInfo], series_uid: str | None = None,
             raise DicomError(f"no series with UID {series_uid}; available series:\n{describe_series(series)}")
         pick = chosen[0]  # stacks are ordered largest first
         if not pick.is_image:
-            raise DicomError(f"series {series_uid} is a {pick.modality} object, not an image series; "
-                             f"available series:\n{describe_series(series)}")
+            raise DicomError(
+                f"series {series_uid} is a {pick.modality} object, not an image series; "
+                f"available series:\n{describe_series(series)}"
+            )
         reason = f"chosen by --series-uid {series_uid}"
         if len(chosen) > 1:
             if chosen[1].n_slices == pick.n_slices:
                 raise DicomError(f"{pick.split_note}; pass one of their keys to --series-uid")
-            reason += (f" ({pick.split_note}; used the largest, {pick.key}, {pick.n_slices} slices; "
-                       f"pass another key to use it)")
+            reason += (
+                f" ({pick.split_note}; used the largest, {pick.key}, {pick.n_slices} slices; "
+                f"pass another key to use it)"
+            )
         if rules and not _matches(pick, rules):
-            logger.warning("series %s does not match the bundle's rules (%s); using it as asked",
-                           pick.key, _rules_text(rules))
+            logger.warning(
+                "series %s does not match the bundle's rules (%s); using it as asked", pick.key, _rules_text(rules)
+            )
         return pick, reason
 
     matching = [s for s in images if _matches(s, rules)]
     wanted = _rules_text(rules)
     what = f"series matching {wanted}" if wanted else "image series"
     if not matching:
-        raise DicomError(f"no image series matches {wanted or 'the request'}; available series:\n"
-                         f"{describe_series(series)}")
+        raise DicomError(
+            f"no image series matches {wanted or 'the request'}; available series:\n{describe_series(series)}"
+        )
     if len(matching) == 1:
         pick = matching[0]
         reason = f"only {what} ({pick.key}, {pick.n_slices} slices)"
@@ -428,8 +445,10 @@ def select_series(series: list[SeriesInfo], series_uid: str | None = None,
         pick = matching[0]
         tie = matching[1].n_slices == pick.n_slices
         others = ", ".join(f"{s.key} ({s.n_slices})" for s in matching[1:])
-        reason = (f"largest of {len(matching)} {what}: {pick.key} with {pick.n_slices} slices"
-                  f"{' (tie; first in study/series-number order)' if tie else ''}; others: {others}")
+        reason = (
+            f"largest of {len(matching)} {what}: {pick.key} with {pick.n_slices} slices"
+            f"{' (tie; first in study/series-number order)' if tie else ''}; others: {others}"
+        )
     if pick.split_note:
         reason += f"; note: {pick.split_note}"
     return pick, reason

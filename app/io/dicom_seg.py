@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -62,7 +63,7 @@ class SegmentSpec:
     color_rgb: tuple[int, int, int] | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SegmentSpec":
+    def from_dict(cls, d: dict) -> SegmentSpec:
         """Build from bundle metadata: keys ``label_value``, ``label_name``, ``category_code``,
         ``type_code`` (each a 3-item list) and optional ``color_rgb``."""
         try:
@@ -98,8 +99,17 @@ def _meta_uid(ds: Dataset, keyword: str, meta_keyword: str) -> str:
 
 
 # Patient/study attributes of type 2 that a SEG copies from its source; absent ones are added empty.
-_TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def _source_headers(volume: SeriesVolume, allow_generated_uids: bool) -> list[Dataset]:
@@ -131,7 +141,10 @@ def _source_headers(volume: SeriesVolume, allow_generated_uids: bool) -> list[Da
             if kw not in new:
                 new[kw] = DataElement(pydicom.datadict.tag_for_keyword(kw), pydicom.datadict.dictionary_VR(kw), None)
         where = volume.source_files[n] if n < len(volume.source_files) else f"slice {n}"
-        for kw, meta_kw in (("SOPInstanceUID", "MediaStorageSOPInstanceUID"), ("SOPClassUID", "MediaStorageSOPClassUID")):
+        for kw, meta_kw in (
+            ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+            ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ):
             value = _meta_uid(ds, kw, meta_kw)
             if not value:
                 raise DicomError(
@@ -465,8 +478,10 @@ def _own_grid(frames: list[_SegFrame], iop, spacing, rows: int, cols: int, ds: D
     shared_meas = _group(ds, None, "PixelMeasuresSequence")
     step = float(shared_meas.get("SpacingBetweenSlices", 0) or 0) if shared_meas is not None else 0.0
     if step <= 0:
-        step = float(np.min(np.diff(levels))) if len(levels) > 1 else float(
-            (shared_meas.get("SliceThickness", 1.0) if shared_meas is not None else 1.0) or 1.0
+        step = (
+            float(np.min(np.diff(levels)))
+            if len(levels) > 1
+            else float((shared_meas.get("SliceThickness", 1.0) if shared_meas is not None else 1.0) or 1.0)
         )
     nk = int(round((levels[-1] - levels[0]) / step)) + 1
     origin = frames[int(np.argmin(dist))].ipp
@@ -498,8 +513,13 @@ def _reference_volume(reference, seg_ds: Dataset) -> SeriesVolume:
 
 
 def _place_frame(
-    frame_ipp: np.ndarray, iop: np.ndarray, spacing: np.ndarray, rows: int, cols: int, affine_lps: np.ndarray,
-    tol: float
+    frame_ipp: np.ndarray,
+    iop: np.ndarray,
+    spacing: np.ndarray,
+    rows: int,
+    cols: int,
+    affine_lps: np.ndarray,
+    tol: float,
 ):
     """Voxel index arrays ``(i, j, k)`` (each ``(rows, cols)``) of a frame's pixels on the grid of
     ``affine_lps`` (voxel -> LPS mm; ``frame_ipp``/``iop`` are LPS too) when the frame shares the grid's

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -108,11 +109,14 @@ def _single_frame_slice(file: str, ds: Dataset) -> _Slice:
         if ds.get(name) in (None, ""):
             raise DicomError(f"missing {name}: not an image", path=file)
     return _Slice(
-        file=file, frame=1, header=ds,
+        file=file,
+        frame=1,
+        header=ds,
         ipp=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", file),
         iop=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", file),
         pixel_spacing=_floats(ds.PixelSpacing, 2, "PixelSpacing", file),
-        rows=int(ds.Rows), columns=int(ds.Columns),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
         slope=_opt_float(ds.get("RescaleSlope")) or 1.0,
         intercept=_opt_float(ds.get("RescaleIntercept")) or 0.0,
         thickness=_opt_float(ds.get("SpacingBetweenSlices")) or _opt_float(ds.get("SliceThickness")),
@@ -124,8 +128,11 @@ def _multiframe_slices(file: str, ds: Dataset) -> list[_Slice]:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if not is_enhanced_multiframe(ds):
         if n > 1:
-            raise DicomError(f"multi-frame object ({n} frames) without per-frame positions "
-                             "(no functional groups): cannot build a volume", path=file)
+            raise DicomError(
+                f"multi-frame object ({n} frames) without per-frame positions "
+                "(no functional groups): cannot build a volume",
+                path=file,
+            )
         return [_single_frame_slice(file, ds)]
     out = []
     for f in range(n):
@@ -141,16 +148,21 @@ def _multiframe_slices(file: str, ds: Dataset) -> list[_Slice]:
             raise DicomError(_MISSING["PixelSpacing"] + " (PixelMeasuresSequence)", path=where)
         pvt = functional_group_item(ds, f, "PixelValueTransformationSequence")
         src = pvt if pvt is not None else ds
-        out.append(_Slice(
-            file=file, frame=f + 1, header=ds,
-            ipp=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", where),
-            iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
-            pixel_spacing=_floats(meas.PixelSpacing, 2, "PixelSpacing", where),
-            rows=int(ds.Rows), columns=int(ds.Columns),
-            slope=_opt_float(src.get("RescaleSlope")) or 1.0,
-            intercept=_opt_float(src.get("RescaleIntercept")) or 0.0,
-            thickness=_opt_float(meas.get("SpacingBetweenSlices")) or _opt_float(meas.get("SliceThickness")),
-        ))
+        out.append(
+            _Slice(
+                file=file,
+                frame=f + 1,
+                header=ds,
+                ipp=_floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", where),
+                iop=_floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", where),
+                pixel_spacing=_floats(meas.PixelSpacing, 2, "PixelSpacing", where),
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+                slope=_opt_float(src.get("RescaleSlope")) or 1.0,
+                intercept=_opt_float(src.get("RescaleIntercept")) or 0.0,
+                thickness=_opt_float(meas.get("SpacingBetweenSlices")) or _opt_float(meas.get("SliceThickness")),
+            )
+        )
     return out
 
 
@@ -163,21 +175,33 @@ def _check_and_sort(slices: list[_Slice], slice_tolerance: float, split_note: st
     ref = slices[0]
     for s in slices[1:]:
         if (s.rows, s.columns) != (ref.rows, ref.columns):
-            raise DicomError(f"inconsistent Rows/Columns in one series: {s.columns}x{s.rows} here, "
-                             f"{ref.columns}x{ref.rows} in {_where(ref)}", path=_where(s))
+            raise DicomError(
+                f"inconsistent Rows/Columns in one series: {s.columns}x{s.rows} here, "
+                f"{ref.columns}x{ref.rows} in {_where(ref)}",
+                path=_where(s),
+            )
         if np.max(np.abs(s.iop - ref.iop)) > IOP_TOLERANCE:
-            angle = np.degrees(np.arccos(np.clip(abs(np.dot(np.cross(s.iop[:3], s.iop[3:]),
-                                                        np.cross(ref.iop[:3], ref.iop[3:]))), 0, 1)))
-            raise DicomError(f"mixed image orientations in one series: this plane is {angle:.2f} deg from "
-                             f"that of {_where(ref)}", path=_where(s))
+            angle = np.degrees(
+                np.arccos(
+                    np.clip(abs(np.dot(np.cross(s.iop[:3], s.iop[3:]), np.cross(ref.iop[:3], ref.iop[3:]))), 0, 1)
+                )
+            )
+            raise DicomError(
+                f"mixed image orientations in one series: this plane is {angle:.2f} deg from that of {_where(ref)}",
+                path=_where(s),
+            )
         if not np.allclose(s.pixel_spacing, ref.pixel_spacing, rtol=1e-4, atol=1e-6):
-            raise DicomError(f"inconsistent PixelSpacing in one series: {s.pixel_spacing.tolist()} mm here, "
-                             f"{ref.pixel_spacing.tolist()} mm in {_where(ref)}", path=_where(s))
+            raise DicomError(
+                f"inconsistent PixelSpacing in one series: {s.pixel_spacing.tolist()} mm here, "
+                f"{ref.pixel_spacing.tolist()} mm in {_where(ref)}",
+                path=_where(s),
+            )
     row, col = ref.iop[:3], ref.iop[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(np.dot(row, col)) > 1e-2:
-        raise DicomError(f"ImageOrientationPatient {ref.iop.tolist()} is not two orthogonal unit vectors",
-                         path=_where(ref))
+        raise DicomError(
+            f"ImageOrientationPatient {ref.iop.tolist()} is not two orthogonal unit vectors", path=_where(ref)
+        )
     normal /= np.linalg.norm(normal)
     for s in slices:
         s.position = float(np.dot(s.ipp, normal))
@@ -190,28 +214,38 @@ def _check_and_sort(slices: list[_Slice], slice_tolerance: float, split_note: st
     dup = np.flatnonzero(steps < _DUPLICATE_MM)
     if dup.size:
         a, b = slices[dup[0]], slices[dup[0] + 1]
-        raise DicomError(f"duplicate slice positions ({dup.size} pair(s)): e.g. "
-                         f"{_where(a)} and {_where(b)} both at {a.position:.3f} mm along the normal "
-                         "(duplicate files, or a multi-echo/temporal series: select one stack)",
-                         path=_where(b))
+        raise DicomError(
+            f"duplicate slice positions ({dup.size} pair(s)): e.g. "
+            f"{_where(a)} and {_where(b)} both at {a.position:.3f} mm along the normal "
+            "(duplicate files, or a multi-echo/temporal series: select one stack)",
+            path=_where(b),
+        )
     base = float(np.min(steps))
     ratio = steps / base
     bad = np.flatnonzero(np.abs(ratio - 1) > slice_tolerance)
     if bad.size:
         n_missing = np.rint(ratio[bad]).astype(int) - 1
-        gap_like = (n_missing >= 1) & (np.abs(ratio[bad] - np.rint(ratio[bad])) <= slice_tolerance * np.rint(ratio[bad]))
+        gap_like = (n_missing >= 1) & (
+            np.abs(ratio[bad] - np.rint(ratio[bad])) <= slice_tolerance * np.rint(ratio[bad])
+        )
         if np.all(gap_like):
             b0 = bad[0]
             a, b = slices[b0], slices[b0 + 1]
             hint = f" ({split_note})" if split_note else ""
-            raise DicomError(f"missing slice(s): {int(n_missing.sum())} slice(s) missing in {bad.size} gap(s); "
-                             f"e.g. {int(n_missing[0])} missing between {_where(a)} at {a.position:.3f} mm and "
-                             f"{_where(b)} at {b.position:.3f} mm (spacing {base:.3f} mm){hint}", path=_where(b))
+            raise DicomError(
+                f"missing slice(s): {int(n_missing.sum())} slice(s) missing in {bad.size} gap(s); "
+                f"e.g. {int(n_missing[0])} missing between {_where(a)} at {a.position:.3f} mm and "
+                f"{_where(b)} at {b.position:.3f} mm (spacing {base:.3f} mm){hint}",
+                path=_where(b),
+            )
         b0 = bad[0]
         a, b = slices[b0], slices[b0 + 1]
-        raise DicomError(f"uneven slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm "
-                         f"(tolerance {slice_tolerance:.0%}), e.g. {steps[b0]:.3f} mm between {_where(a)} and "
-                         f"{_where(b)}; resample the series to even spacing first", path=_where(b))
+        raise DicomError(
+            f"uneven slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm "
+            f"(tolerance {slice_tolerance:.0%}), e.g. {steps[b0]:.3f} mm between {_where(a)} and "
+            f"{_where(b)}; resample the series to even spacing first",
+            path=_where(b),
+        )
 
     # Gantry tilt: slice positions drift sideways from the normal line through the first slice.
     offsets = np.array([s.ipp - slices[0].ipp for s in slices])
@@ -220,10 +254,13 @@ def _check_and_sort(slices: list[_Slice], slice_tolerance: float, split_note: st
     limit = max(_TILT_DRIFT_FLOOR_MM, _TILT_DRIFT_PIXELS * float(np.min(ref.pixel_spacing)))
     if drift.max() > limit:
         angle = np.degrees(np.arctan2(drift[-1], pos[-1] - pos[0]))
-        raise DicomError(f"gantry/detector tilt: slice positions are not along the slice normal (tilted by "
-                         f"{angle:.2f} deg; {drift.max():.2f} mm sideways over the stack, from {_where(slices[0])} "
-                         f"to {_where(slices[int(np.argmax(drift))])}); tilted series are not supported, "
-                         "resample them first", path=_where(slices[-1]))
+        raise DicomError(
+            f"gantry/detector tilt: slice positions are not along the slice normal (tilted by "
+            f"{angle:.2f} deg; {drift.max():.2f} mm sideways over the stack, from {_where(slices[0])} "
+            f"to {_where(slices[int(np.argmax(drift))])}); tilted series are not supported, "
+            "resample them first",
+            path=_where(slices[-1]),
+        )
     return slices
 
 
@@ -251,13 +288,18 @@ def _check_transfer_syntax(file: str, ds: Dataset) -> None:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise DicomError(f"unsupported transfer syntax {ts.name} ({ts}): no pixel data decoder for it",
-                         path=file) from exc
+        raise DicomError(
+            f"unsupported transfer syntax {ts.name} ({ts}): no pixel data decoder for it", path=file
+        ) from exc
     if not decoder.is_available:
-        missing = "; ".join(f"{k}: needs {', '.join(v)}" for k, v in decoder.missing_dependencies.items()) \
-            if hasattr(decoder, "missing_dependencies") else ""
-        raise DicomError(f"transfer syntax {ts.name} ({ts}) cannot be decoded here ({missing or 'no plugin'})",
-                         path=file)
+        missing = (
+            "; ".join(f"{k}: needs {', '.join(v)}" for k, v in decoder.missing_dependencies.items())
+            if hasattr(decoder, "missing_dependencies")
+            else ""
+        )
+        raise DicomError(
+            f"transfer syntax {ts.name} ({ts}) cannot be decoded here ({missing or 'no plugin'})", path=file
+        )
 
 
 # Plugin order for compressed syntaxes. GDCM comes last and only when nothing else is installed for
@@ -280,8 +322,9 @@ def _pixel_array(file: str, ds: Dataset, ts: UID) -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, ...
             errors.append(f"{plugin + ': ' if plugin else ''}{type(exc).__name__}: {exc}".replace("\n", " "))
     hint = " (file truncated?)" if any("less than expected" in e for e in errors) else ""
-    raise DicomError(f"cannot decode pixel data{hint} ({ts.name}, {ts}): {'; '.join(errors) or 'no decoder'}",
-                     path=file)
+    raise DicomError(
+        f"cannot decode pixel data{hint} ({ts.name}, {ts}): {'; '.join(errors) or 'no decoder'}", path=file
+    )
 
 
 def _decode(file: str, slices: list[_Slice], ks: list[int], out: np.ndarray) -> None:
@@ -294,19 +337,24 @@ def _decode(file: str, slices: list[_Slice], ks: list[int], out: np.ndarray) -> 
         raise DicomError(f"cannot read the file ({type(exc).__name__}: {exc})", path=file) from exc
     if "PixelData" not in ds:
         kind = "FloatPixelData/DoubleFloatPixelData" if ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds) else ""
-        raise DicomError(f"no pixel data (7FE0,0010){' (float pixel data is not supported)' if kind else ''}",
-                         path=file)
+        raise DicomError(
+            f"no pixel data (7FE0,0010){' (float pixel data is not supported)' if kind else ''}", path=file
+        )
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomError(f"PhotometricInterpretation {photometric}: only greyscale (MONOCHROME1/2) images "
-                         "can be segmented", path=file)
+        raise DicomError(
+            f"PhotometricInterpretation {photometric}: only greyscale (MONOCHROME1/2) images can be segmented",
+            path=file,
+        )
     arr = _pixel_array(file, ds, ts)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames == 1:
         arr = arr[None]
     if arr.shape[1:] != (slices[0].rows, slices[0].columns) or arr.ndim != 3:
-        raise DicomError(f"decoded pixel array has shape {arr.shape}, expected {slices[0].rows}x{slices[0].columns} "
-                         "per frame", path=file)
+        raise DicomError(
+            f"decoded pixel array has shape {arr.shape}, expected {slices[0].rows}x{slices[0].columns} per frame",
+            path=file,
+        )
     modality_lut = "ModalityLUTSequence" in ds
     if photometric == "MONOCHROME1":
         bits = int(ds.get("BitsStored", ds.BitsAllocated))
@@ -328,12 +376,15 @@ def default_decode_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def read_series_info(info: SeriesInfo, *, slice_tolerance: float = 0.01, decode_workers: int | None = None,
-                     selection_reason: str = "") -> SeriesVolume:
+def read_series_info(
+    info: SeriesInfo, *, slice_tolerance: float = 0.01, decode_workers: int | None = None, selection_reason: str = ""
+) -> SeriesVolume:
     """Read a series found by ``scan_folder`` (see ``read_series``)."""
     if not info.is_image:
-        raise DicomError(f"series {info.key} is a {info.modality} object, not an image series",
-                         path=info.files[0] if info.files else None)
+        raise DicomError(
+            f"series {info.key} is a {info.modality} object, not an image series",
+            path=info.files[0] if info.files else None,
+        )
     slices: list[_Slice] = []
     for file, ds in zip(info.files, info.headers):
         slices.extend(_multiframe_slices(file, ds))
@@ -367,13 +418,24 @@ def read_series_info(info: SeriesInfo, *, slice_tolerance: float = 0.01, decode_
         selection_reason=selection_reason,
         source_files=[s.file for s in slices],
     )
-    logger.info("read series %s: %d x %d x %d voxels, spacing %s mm (%s)", info.key, *volume.shape,
-                np.round(volume.spacing, 4).tolist(), selection_reason or "given")
+    logger.info(
+        "read series %s: %d x %d x %d voxels, spacing %s mm (%s)",
+        info.key,
+        *volume.shape,
+        np.round(volume.spacing, 4).tolist(),
+        selection_reason or "given",
+    )
     return volume
 
 
-def read_series(path: str | os.PathLike, series_uid: str | None = None, rules: dict | None = None, *,
-                slice_tolerance: float = 0.01, decode_workers: int | None = None) -> SeriesVolume:
+def read_series(
+    path: str | os.PathLike,
+    series_uid: str | None = None,
+    rules: dict | None = None,
+    *,
+    slice_tolerance: float = 0.01,
+    decode_workers: int | None = None,
+) -> SeriesVolume:
     """Read one image series from a folder (recursive) or a single DICOM file.
 
     Args:
@@ -400,29 +462,38 @@ def read_series(path: str | os.PathLike, series_uid: str | None = None, rules: d
         more = f" (+{len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
         raise DicomError(f"no DICOM files found among {result.n_files} file(s): {detail}{more}", path=path)
     if not any(s.is_image for s in result.series) and not series_uid:
-        raise DicomError("no DICOM image series found (only: " + ", ".join(
-            sorted({s.modality or "?" for s in result.series})) + ")", path=path)
+        raise DicomError(
+            "no DICOM image series found (only: " + ", ".join(sorted({s.modality or "?" for s in result.series})) + ")",
+            path=path,
+        )
     try:
         info, reason = select_series(result.series, series_uid, rules)
     except DicomError as exc:
         raise DicomError(str(exc), path=path) from exc
     unreadable = [f for f, why in result.skipped if why.startswith("unreadable")]
     if unreadable:
-        logger.warning("%d file(s) under %s look like damaged DICOM and were skipped, e.g. %s",
-                       len(unreadable), path, unreadable[0])
+        logger.warning(
+            "%d file(s) under %s look like damaged DICOM and were skipped, e.g. %s",
+            len(unreadable),
+            path,
+            unreadable[0],
+        )
     logger.info("selected series %s: %s", info.key, reason)
     try:
-        return read_series_info(info, slice_tolerance=slice_tolerance, decode_workers=decode_workers,
-                                selection_reason=reason)
+        return read_series_info(
+            info, slice_tolerance=slice_tolerance, decode_workers=decode_workers, selection_reason=reason
+        )
     except DicomError as exc:
         if unreadable and "missing slice" in str(exc):
-            raise DicomError(f"{exc} [{len(unreadable)} damaged DICOM file(s) were skipped, e.g. "
-                             f"{unreadable[0]}]") from exc
+            raise DicomError(
+                f"{exc} [{len(unreadable)} damaged DICOM file(s) were skipped, e.g. {unreadable[0]}]"
+            ) from exc
         raise
 
 
-def load_dicom_as_metatensor(path: str | os.PathLike, series_uid: str | None = None, rules: dict | None = None,
-                             **kwargs: Any):
+def load_dicom_as_metatensor(
+    path: str | os.PathLike, series_uid: str | None = None, rules: dict | None = None, **kwargs: Any
+):
     """``read_series`` for MONAI: returns ``(MetaTensor (1, I, J, K) with the RAS affine, SeriesVolume)``.
 
     The MetaTensor's meta also carries ``series_instance_uid`` and ``selection_reason``.
@@ -444,16 +515,23 @@ class LoadDicomSeriesd(MapTransform):
     """Dictionary transform: replace ``data[key]`` (a DICOM folder/file path) with the series as a
     channel-first MetaTensor (RAS affine); the ``SeriesVolume`` goes to ``data[f"{key}_volume"]``."""
 
-    def __init__(self, keys, series_uid: str | None = None, rules: dict | None = None,
-                 allow_missing_keys: bool = False, **read_kwargs: Any) -> None:
+    def __init__(
+        self,
+        keys,
+        series_uid: str | None = None,
+        rules: dict | None = None,
+        allow_missing_keys: bool = False,
+        **read_kwargs: Any,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.series_uid, self.rules, self.read_kwargs = series_uid, rules, read_kwargs
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key], d[f"{key}_volume"] = load_dicom_as_metatensor(d[key], self.series_uid, self.rules,
-                                                                  **self.read_kwargs)
+            d[key], d[f"{key}_volume"] = load_dicom_as_metatensor(
+                d[key], self.series_uid, self.rules, **self.read_kwargs
+            )
         return d
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlsplit
 
 import pydicom
@@ -83,14 +83,19 @@ def parse_destination(destination: str) -> Destination:
     if not parts.hostname or not port:
         raise ConfigError(f"destination {destination!r} needs HOST:PORT")
     if scheme in ("dicomweb", "dicomwebs", "http", "https"):
-        return Destination("dicomweb", parts.hostname, port, parts.path.rstrip("/"),
-                           https=scheme in ("dicomwebs", "https"))
+        return Destination(
+            "dicomweb", parts.hostname, port, parts.path.rstrip("/"), https=scheme in ("dicomwebs", "https")
+        )
     if scheme == "dimse":
         aet = parts.username or ""
         if not aet or len(aet) > 16:
-            raise ConfigError(f"destination {destination!r} needs the called AE title (1-16 chars): dimse://AET@HOST:PORT")
+            raise ConfigError(
+                f"destination {destination!r} needs the called AE title (1-16 chars): dimse://AET@HOST:PORT"
+            )
         return Destination("dimse", parts.hostname, port, aet=aet)
-    raise ConfigError(f"unknown destination scheme {parts.scheme!r}; use dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT")
+    raise ConfigError(
+        f"unknown destination scheme {parts.scheme!r}; use dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT"
+    )
 
 
 def _store_dimse(dest: Destination, files: list[Path], timeout_s: float) -> tuple[list[Path], list[str]]:
@@ -144,8 +149,10 @@ def _store_dicomweb(dest: Destination, files: list[Path], timeout_s: float) -> t
         response = client.store_instances(datasets=datasets)
     except requests.RequestException as exc:
         return [], [f"STOW-RS to {dest} failed: {type(exc).__name__}: {_short(exc)}"]
-    failed = {str(item.get("ReferencedSOPInstanceUID", "")): item.get("FailureReason")
-              for item in (response.get("FailedSOPSequence", []) if response is not None else [])}
+    failed = {
+        str(item.get("ReferencedSOPInstanceUID", "")): item.get("FailureReason")
+        for item in (response.get("FailedSOPSequence", []) if response is not None else [])
+    }
     stored, problems = [], []
     for f, ds in zip(files, datasets):
         uid = str(ds.SOPInstanceUID)
@@ -197,8 +204,14 @@ def send(
     for attempt in range(retries + 1):
         if attempt:
             delay = backoff_s * 2 ** (attempt - 1)
-            logger.warning("retrying %d file(s) to %s in %.1f s (attempt %d of %d)", len(pending), dest, delay,
-                           attempt + 1, retries + 1)
+            logger.warning(
+                "retrying %d file(s) to %s in %.1f s (attempt %d of %d)",
+                len(pending),
+                dest,
+                delay,
+                attempt + 1,
+                retries + 1,
+            )
             time.sleep(delay)
         result.attempts = attempt + 1
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.losses.focal_loss import sigmoid_focal_loss, softmax_focal_loss
@@ -43,8 +43,7 @@ class MaskedFocalLoss(_MaskedBase):
         use_softmax: bool = True,
         ignore_value: int | None = None,
     ) -> None:
-        super().__init__(include_background, to_onehot_y, reduction=reduction, weight=weight,
-                         ignore_value=ignore_value)
+        super().__init__(include_background, to_onehot_y, reduction=reduction, weight=weight, ignore_value=ignore_value)
         self.gamma = float(gamma)
         if alpha is None or isinstance(alpha, (int, float)):
             self.alpha = None if alpha is None else float(alpha)

@@ -23,7 +23,7 @@ Calling convention (all losses)::
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -234,8 +234,9 @@ class MaskedDiceLoss(_MaskedBase):
         weight: Sequence[float] | float | torch.Tensor | None = None,
         ignore_value: int | None = None,
     ) -> None:
-        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, ignore_value, batch,
-                         reduction, weight)
+        super().__init__(
+            include_background, to_onehot_y, sigmoid, softmax, other_act, ignore_value, batch, reduction, weight
+        )
         self.squared_pred = squared_pred
         self.jaccard = jaccard
         self.smooth_nr = float(smooth_nr)
@@ -285,8 +286,7 @@ class MaskedTverskyLoss(_MaskedBase):
         batch: bool = False,
         ignore_value: int | None = None,
     ) -> None:
-        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, ignore_value, batch,
-                         reduction)
+        super().__init__(include_background, to_onehot_y, sigmoid, softmax, other_act, ignore_value, batch, reduction)
         self.alpha, self.beta = float(alpha), float(beta)
         self.smooth_nr, self.smooth_dr = float(smooth_nr), float(smooth_dr)
 
@@ -410,9 +410,19 @@ class MaskedDiceCELoss(nn.Module):
         if weight is not None and not include_background:
             dice_weight = torch.as_tensor(weight)[1:]
         self.dice = MaskedDiceLoss(
-            include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid, softmax=softmax,
-            other_act=other_act, squared_pred=squared_pred, jaccard=jaccard, reduction=reduction,
-            smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, weight=dice_weight, ignore_value=ignore_value,
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=sigmoid,
+            softmax=softmax,
+            other_act=other_act,
+            squared_pred=squared_pred,
+            jaccard=jaccard,
+            reduction=reduction,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=batch,
+            weight=dice_weight,
+            ignore_value=ignore_value,
         )
         self.ce = MaskedCrossEntropyLoss(
             weight=weight, reduction=reduction, label_smoothing=label_smoothing, ignore_value=ignore_value

@@ -14,7 +14,7 @@ Padded convolutions keep the output the size of the input, which must be divisib
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,10 @@ from monai.networks.blocks import Convolution
 def _double_conv(in_ch: int, mid_ch: int, out_ch: int, norm: str | tuple, dropout: float) -> nn.Sequential:
     """Two 3×3×3 padded convolutions, each with normalisation and ReLU (MONAI order N-D-A)."""
     kw = dict(spatial_dims=3, kernel_size=3, act="RELU", norm=norm, dropout=dropout, adn_ordering="NDA")
-    return nn.Sequential(Convolution(in_channels=in_ch, out_channels=mid_ch, **kw),
-                         Convolution(in_channels=mid_ch, out_channels=out_ch, **kw))
+    return nn.Sequential(
+        Convolution(in_channels=in_ch, out_channels=mid_ch, **kw),
+        Convolution(in_channels=mid_ch, out_channels=out_ch, **kw),
+    )
 
 
 class UNet3D(nn.Module):

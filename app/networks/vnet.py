@@ -36,7 +36,7 @@ Spatial input sizes must be divisible by ``2 ** depth``; the output has the inpu
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -93,8 +93,14 @@ class ResidualStage(nn.Module):
             last = i == num_convs - 1
             layers.append(
                 Convolution(
-                    spatial_dims, ch, channels, kernel_size=kernel_size, act=None if last else _act(act, channels),
-                    norm=norm, dropout=dropout if dropout > 0 else None, adn_ordering="NDA",
+                    spatial_dims,
+                    ch,
+                    channels,
+                    kernel_size=kernel_size,
+                    act=None if last else _act(act, channels),
+                    norm=norm,
+                    dropout=dropout if dropout > 0 else None,
+                    adn_ordering="NDA",
                 )
             )
             ch = channels
@@ -119,12 +125,22 @@ class ResidualStage(nn.Module):
 class _DownStage(nn.Module):
     """2×2×2 stride-2 convolution (doubling channels, norm, act) followed by a residual stage."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, num_convs: int, kernel_size: int,
-                 act, norm, dropout: float):
+    def __init__(
+        self, spatial_dims: int, in_channels: int, num_convs: int, kernel_size: int, act, norm, dropout: float
+    ):
         super().__init__()
         out_channels = 2 * in_channels
-        self.down = Convolution(spatial_dims, in_channels, out_channels, strides=2, kernel_size=2, padding=0,
-                                act=_act(act, out_channels), norm=norm, adn_ordering="NDA")
+        self.down = Convolution(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            strides=2,
+            kernel_size=2,
+            padding=0,
+            act=_act(act, out_channels),
+            norm=norm,
+            adn_ordering="NDA",
+        )
         self.stage = ResidualStage(spatial_dims, out_channels, out_channels, num_convs, kernel_size, act, norm, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +151,31 @@ class _UpStage(nn.Module):
     """2×2×2 stride-2 transposed convolution to ``skip_channels``, concatenation with the skip,
     then a residual stage of width ``2 * skip_channels``."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, skip_channels: int, num_convs: int, kernel_size: int,
-                 act, norm, dropout: float):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        skip_channels: int,
+        num_convs: int,
+        kernel_size: int,
+        act,
+        norm,
+        dropout: float,
+    ):
         super().__init__()
-        self.up = Convolution(spatial_dims, in_channels, skip_channels, strides=2, kernel_size=2, padding=0,
-                              output_padding=0, act=_act(act, skip_channels), norm=norm, is_transposed=True, adn_ordering="NDA")
+        self.up = Convolution(
+            spatial_dims,
+            in_channels,
+            skip_channels,
+            strides=2,
+            kernel_size=2,
+            padding=0,
+            output_padding=0,
+            act=_act(act, skip_channels),
+            norm=norm,
+            is_transposed=True,
+            adn_ordering="NDA",
+        )
         width = 2 * skip_channels
         self.stage = ResidualStage(spatial_dims, width, width, num_convs, kernel_size, act, norm, dropout)
 
@@ -196,19 +232,28 @@ class VNet(nn.Module):
             raise ValueError(f"kernel_size must be odd so that padding keeps the size, got {kernel_size}")
         self.depth = depth
         self.size_factor: int = 2**depth
-        self.input_stage = ResidualStage(spatial_dims, in_channels, features, convs_per_stage[0], kernel_size,
-                                         act, norm, dropout)
+        self.input_stage = ResidualStage(
+            spatial_dims, in_channels, features, convs_per_stage[0], kernel_size, act, norm, dropout
+        )
         widths = [features * 2**level for level in range(depth + 1)]
         self.down_stages = nn.ModuleList(
-            _DownStage(spatial_dims, widths[level - 1], convs_per_stage[level] if level < depth else bottom_convs,
-                       kernel_size, act, norm, dropout)
+            _DownStage(
+                spatial_dims,
+                widths[level - 1],
+                convs_per_stage[level] if level < depth else bottom_convs,
+                kernel_size,
+                act,
+                norm,
+                dropout,
+            )
             for level in range(1, depth + 1)
         )
         self.up_stages = nn.ModuleList()
         ch = widths[depth]
         for level in reversed(range(depth)):
-            self.up_stages.append(_UpStage(spatial_dims, ch, widths[level], convs_per_stage[level], kernel_size,
-                                           act, norm, dropout))
+            self.up_stages.append(
+                _UpStage(spatial_dims, ch, widths[level], convs_per_stage[level], kernel_size, act, norm, dropout)
+            )
             ch = 2 * widths[level]
         self.head = Conv[Conv.CONV, spatial_dims](ch, out_channels, kernel_size=1)
 
@@ -216,8 +261,9 @@ class VNet(nn.Module):
         factor = self.size_factor
         for size in x.shape[2:]:
             if size % factor != 0:
-                raise ValueError("VNet: spatial input sizes must be divisible by " + str(factor) + ", got "
-                                 + str(list(x.shape[2:])))
+                raise ValueError(
+                    "VNet: spatial input sizes must be divisible by " + str(factor) + ", got " + str(list(x.shape[2:]))
+                )
         x = self.input_stage(x)
         skips: list[torch.Tensor] = [x]
         for down in self.down_stages:

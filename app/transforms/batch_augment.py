@@ -357,7 +357,9 @@ class BatchAugment:
         for key, t in maps.items():
             if t.ndim != 5 or t.shape[0] != bsz or tuple(t.shape[2:]) != spatial:
                 name = "label" if key == "\0label" else f"extra[{key!r}]"
-                raise ValueError(f"BatchAugment: {name} shape {tuple(t.shape)} does not match image {tuple(image.shape)}")
+                raise ValueError(
+                    f"BatchAugment: {name} shape {tuple(t.shape)} does not match image {tuple(image.shape)}"
+                )
 
         p = self.sample_params(bsz)
         self.last_params = p

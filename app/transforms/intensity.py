@@ -121,7 +121,7 @@ class ForegroundPercentileNormalize(ScaleIntensityRange):
     """nnU-Net's CT normalisation: clip to ``[lower_hu, upper_hu]``, then ``(x - mean) / std``.
 
     The values are data-set statistics over foreground voxels (see
-    :func:`app.plan.fingerprint.compute_fingerprint`): ``lower_hu``/``upper_hu`` the 0.5 / 99.5
+    :func:`app.planning.fingerprint.compute_fingerprint`): ``lower_hu``/``upper_hu`` the 0.5 / 99.5
     percentiles, ``mean``/``std`` the mean and standard deviation, all in HU. Output: float32,
     unitless (standard deviations from the foreground mean).
 
@@ -133,22 +133,37 @@ class ForegroundPercentileNormalize(ScaleIntensityRange):
     def __init__(self, lower_hu: float, upper_hu: float, mean: float, std: float, dtype=np.float32):
         lower_hu, upper_hu, mean, std = float(lower_hu), float(upper_hu), float(mean), float(std)
         if not all(np.isfinite([lower_hu, upper_hu, mean, std])):
-            raise ConfigError(f"CT normalisation values must be finite, got lower={lower_hu} upper={upper_hu} "
-                              f"mean={mean} std={std}")
+            raise ConfigError(
+                f"CT normalisation values must be finite, got lower={lower_hu} upper={upper_hu} mean={mean} std={std}"
+            )
         if not upper_hu > lower_hu:
             raise ConfigError(f"CT normalisation needs upper_hu > lower_hu, got {lower_hu}..{upper_hu}")
         if not std > 0:
             raise ConfigError(f"CT normalisation needs std > 0, got {std}")
         self.lower_hu, self.upper_hu, self.mean, self.std = lower_hu, upper_hu, mean, std
-        super().__init__(a_min=lower_hu, a_max=upper_hu, b_min=(lower_hu - mean) / std,
-                         b_max=(upper_hu - mean) / std, clip=True, dtype=dtype)
+        super().__init__(
+            a_min=lower_hu,
+            a_max=upper_hu,
+            b_min=(lower_hu - mean) / std,
+            b_max=(upper_hu - mean) / std,
+            clip=True,
+            dtype=dtype,
+        )
 
 
 class ForegroundPercentileNormalized(MapTransform):
     """Dictionary version of :class:`ForegroundPercentileNormalize` (same arguments, in HU)."""
 
-    def __init__(self, keys: KeysCollection, lower_hu: float, upper_hu: float, mean: float, std: float,
-                 dtype=np.float32, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        lower_hu: float,
+        upper_hu: float,
+        mean: float,
+        std: float,
+        dtype=np.float32,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.normalizer = ForegroundPercentileNormalize(lower_hu, upper_hu, mean, std, dtype=dtype)
 
@@ -160,7 +175,7 @@ class ForegroundPercentileNormalized(MapTransform):
 
 
 def normalization_from_plan(plan: str | os.PathLike | Mapping, modality_key: str = "normalization") -> list[dict]:
-    """The per-channel normalisation entries of a plan (see :func:`app.plan.fingerprint.make_plan`).
+    """The per-channel normalisation entries of a plan (see :func:`app.planning.fingerprint.make_plan`).
 
     Args:
         plan: a plan JSON file or the plan dict.
@@ -208,12 +223,14 @@ class NormalizeFromPlan(Transform):
         check_finite: first raise :class:`InputError` (naming the file) on NaN/Inf voxels.
     """
 
-    def __init__(self, plan: str | os.PathLike | Mapping, modality_key: str = "normalization",
-                 check_finite: bool = True):
+    def __init__(
+        self, plan: str | os.PathLike | Mapping, modality_key: str = "normalization", check_finite: bool = True
+    ):
         self.entries = normalization_from_plan(plan, modality_key)
         self.check_finite = check_finite
         self.normalizers: list[Transform] = [
-            ForegroundPercentileNormalize(e["lower"], e["upper"], e["mean"], e["std"]) if e["scheme"] == "CT"
+            ForegroundPercentileNormalize(e["lower"], e["upper"], e["mean"], e["std"])
+            if e["scheme"] == "CT"
             else NormalizeIntensity(nonzero=True, channel_wise=True)
             for e in self.entries
         ]
@@ -222,8 +239,10 @@ class NormalizeFromPlan(Transform):
         if self.check_finite:
             check_finite(img, name)
         if img.shape[0] != len(self.normalizers):
-            raise InputError(f"image has {img.shape[0]} channel(s) but the plan normalises "
-                             f"{len(self.normalizers)}", path=_source_name(img, name) or "<image>")
+            raise InputError(
+                f"image has {img.shape[0]} channel(s) but the plan normalises {len(self.normalizers)}",
+                path=_source_name(img, name) or "<image>",
+            )
         if len(self.normalizers) == 1:
             return self.normalizers[0](img)
         parts = [norm(img[c : c + 1]) for c, norm in enumerate(self.normalizers)]
@@ -233,12 +252,18 @@ class NormalizeFromPlan(Transform):
 class NormalizeFromPland(MapTransform):
     """Dictionary version of :class:`NormalizeFromPlan`, for bundle configs::
 
-        {"_target_": "app.transforms.intensity.NormalizeFromPland", "keys": "image",
-         "plan": "$@bundle_root + '/configs/plan.json'"}
+    {"_target_": "app.transforms.intensity.NormalizeFromPland", "keys": "image",
+     "plan": "$@bundle_root + '/configs/plan.json'"}
     """
 
-    def __init__(self, keys: KeysCollection, plan: str | os.PathLike | Mapping,
-                 modality_key: str = "normalization", check_finite: bool = True, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        plan: str | os.PathLike | Mapping,
+        modality_key: str = "normalization",
+        check_finite: bool = True,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.normalizer = NormalizeFromPlan(plan, modality_key=modality_key, check_finite=check_finite)
 

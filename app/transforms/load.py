@@ -8,8 +8,8 @@ the image's RAS affine.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Hashable, Mapping
 
 import numpy as np
 import torch
@@ -35,8 +35,12 @@ class LoadCased(MapTransform):
             is taken as a SEG as well.
     """
 
-    def __init__(self, keys: KeysCollection = ("image", "label"), format_key: str = "label_format",
-                 allow_missing_keys: bool = True):
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        format_key: str = "label_format",
+        allow_missing_keys: bool = True,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.image_key, *rest = self.keys
         self.label_key = rest[0] if rest else None
@@ -47,7 +51,9 @@ class LoadCased(MapTransform):
         d = dict(data)
         image_path = str(d[self.image_key])
         label_path = str(d[self.label_key]) if self.label_key and self.label_key in d else None
-        label_is_seg = label_path is not None and (d.get(self.format_key) == "dicom-seg" or label_path.lower().endswith(".dcm"))
+        label_is_seg = label_path is not None and (
+            d.get(self.format_key) == "dicom-seg" or label_path.lower().endswith(".dcm")
+        )
         if not _is_dicom_image(image_path):
             if label_is_seg:
                 raise InputError("a DICOM SEG label needs its DICOM image series as the case's image", label_path)
@@ -63,13 +69,18 @@ class LoadCased(MapTransform):
 
             labels_ijk, affine_lps = read_seg(label_path, volume)  # on the series' voxel grid
             dtype = np.int16 if labels_ijk.size == 0 or int(labels_ijk.max()) <= np.iinfo(np.int16).max else np.int32
-            d[self.label_key] = MetaTensor(torch.as_tensor(labels_ijk[None].astype(dtype)),
-                                           affine=torch.as_tensor(lps_to_ras(affine_lps)),
-                                           meta={"filename_or_obj": label_path, "space": "RAS"})
+            d[self.label_key] = MetaTensor(
+                torch.as_tensor(labels_ijk[None].astype(dtype)),
+                affine=torch.as_tensor(lps_to_ras(affine_lps)),
+                meta={"filename_or_obj": label_path, "space": "RAS"},
+            )
         else:
             label = self._nifti({self.label_key: label_path})[self.label_key]
             if not same_grid(volume.affine_ras, volume.shape, np.asarray(label.affine), label.shape[1:], atol=1e-3):
-                raise InputError(f"the label's grid (shape {tuple(label.shape[1:])}) differs from its DICOM image's "
-                                 f"(shape {tuple(volume.shape)}) in shape or affine", label_path)
+                raise InputError(
+                    f"the label's grid (shape {tuple(label.shape[1:])}) differs from its DICOM image's "
+                    f"(shape {tuple(volume.shape)}) in shape or affine",
+                    label_path,
+                )
             d[self.label_key] = label
         return d

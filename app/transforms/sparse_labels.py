@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Hashable, Mapping, NamedTuple, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -147,8 +148,14 @@ def sparsify_slices(
     return out
 
 
-def _walk(region: np.ndarray, start: np.ndarray, length: int, rng: np.random.Generator, plane_axis: int | None,
-          turn: float = 0.3) -> list[tuple[int, ...]]:
+def _walk(
+    region: np.ndarray,
+    start: np.ndarray,
+    length: int,
+    rng: np.random.Generator,
+    plane_axis: int | None,
+    turn: float = 0.3,
+) -> list[tuple[int, ...]]:
     """A smooth random walk of unit steps inside ``region`` (direction with momentum ``1 - turn``);
     a step that would leave the region picks a new direction (5 tries), else the walk stops."""
     pos = start.astype(float)
@@ -224,8 +231,10 @@ def scribbles(
             points.extend(_walk(region, start, length, rng, plane_axis))
         # thicken within the strokes' bounding box only (cheap on large volumes)
         pts = np.array(points)
-        box = tuple(slice(max(lo - radius, 0), min(hi + radius + 1, sz))
-                    for lo, hi, sz in zip(pts.min(0), pts.max(0), label.shape))
+        box = tuple(
+            slice(max(lo - radius, 0), min(hi + radius + 1, sz))
+            for lo, hi, sz in zip(pts.min(0), pts.max(0), label.shape)
+        )
         stroke = np.zeros([b.stop - b.start for b in box], bool)
         stroke[tuple((pts - [b.start for b in box]).T)] = True
         if radius > 0:
@@ -237,8 +246,9 @@ def scribbles(
     return out
 
 
-def _start_point(region: np.ndarray, members: np.ndarray, clearance: int, rng: np.random.Generator,
-                 tries: int = 50) -> np.ndarray:
+def _start_point(
+    region: np.ndarray, members: np.ndarray, clearance: int, rng: np.random.Generator, tries: int = 50
+) -> np.ndarray:
     """A random voxel of ``region`` whose ``clearance``-cube lies inside the region (so a thick stroke
     fits), checked locally on up to ``tries`` draws; else any voxel of the region."""
     for _ in range(tries):
@@ -344,8 +354,12 @@ class SparseSlicesd(_SparseBase):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, seed, case_key, allow_missing_keys)
-        self.kwargs = dict(slices_per_axis=slices_per_axis, axes=tuple(axes), ignore_value=ignore_value,
-                           through_foreground=through_foreground)
+        self.kwargs = dict(
+            slices_per_axis=slices_per_axis,
+            axes=tuple(axes),
+            ignore_value=ignore_value,
+            through_foreground=through_foreground,
+        )
 
     def _apply(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return sparsify_slices(arr, rng=rng, **self.kwargs)
@@ -368,8 +382,14 @@ class Scribblesd(_SparseBase):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, seed, case_key, allow_missing_keys)
-        self.kwargs = dict(n_per_class=n_per_class, radius=radius, length=length, ignore_value=ignore_value,
-                           classes=classes, plane_axis=plane_axis)
+        self.kwargs = dict(
+            n_per_class=n_per_class,
+            radius=radius,
+            length=length,
+            ignore_value=ignore_value,
+            classes=classes,
+            plane_axis=plane_axis,
+        )
 
     def _apply(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return scribbles(arr, rng=rng, **self.kwargs)

@@ -18,7 +18,7 @@ computed inside its bounding box grown by ``truncate * sigma``, and at most ``ma
 from __future__ import annotations
 
 import logging
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -156,8 +156,14 @@ class UNetWeightMapd(MapTransform):
         if isinstance(spacing, str) and spacing != "affine":
             raise ValueError(f"spacing must be a sequence, None or 'affine', got {spacing!r}")
         self.spacing = spacing
-        self.kwargs = dict(w0=w0, sigma=sigma, class_balance=class_balance, ignore_value=ignore_value,
-                           truncate=truncate, max_objects=max_objects)
+        self.kwargs = dict(
+            w0=w0,
+            sigma=sigma,
+            class_balance=class_balance,
+            ignore_value=ignore_value,
+            truncate=truncate,
+            max_objects=max_objects,
+        )
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

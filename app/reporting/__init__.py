@@ -1,0 +1,1 @@
+"""Reports for people: PNG overlays of a segmentation."""

@@ -1,0 +1,70 @@
+"""``segapp train``: a bundle's train config with the CLI's options as overrides.
+
+The very same config runs under ``python -m monai.bundle run`` (from the bundle's folder); this
+module checks inputs first (so errors name the file or option), makes the run folder a bundle of its
+own (``app.training.run_bundle``) and reports where the outputs are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from app.bundle.config import bundle_parser, run_sections, write_config
+from app.bundle.store import find_bundle
+from app.bundle.trust import require_trusted
+from app.data.manifest import check_manifest_fold
+from app.runtime.device import resolve_device
+from app.training.run_bundle import write_run_bundle
+
+log = logging.getLogger(__name__)
+
+
+def train(
+    bundle: str,
+    manifest: str | None = None,
+    fold: int = 0,
+    epochs: int | None = None,
+    device: str = "auto",
+    output_dir: str | None = None,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    seed: int | None = None,
+    extra_configs: Sequence[str] = (),
+    overrides: dict[str, Any] | None = None,
+    check_checksums: bool = True,
+    trust: bool = False,
+) -> dict:
+    """Train a bundle on a manifest fold. Returns ``metrics.json``'s content plus run locations."""
+    ref = find_bundle(bundle)
+    resolve_device(device)  # fail early, naming --device
+    opts: dict[str, Any] = {"fold": int(fold), "device_name": device, "resume": bool(resume)}
+    if manifest:
+        check_manifest_fold(manifest, fold, check_checksums)
+        opts["manifest"] = str(Path(manifest).resolve())
+    if epochs is not None:
+        opts["epochs"] = int(epochs)
+    if output_dir:
+        opts["output_dir"] = str(Path(output_dir).resolve())
+    if tracking_uri:
+        opts["tracking_uri"] = tracking_uri
+    if seed is not None:
+        opts["seed"] = int(seed)
+    opts.update(overrides or {})
+    require_trusted(ref, trust)
+    parser = bundle_parser(ref.root, ["train", *extra_configs], opts)
+    out = Path(parser.get_parsed_content("output_dir")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if parser.get_parsed_content("is_main"):
+        write_config(parser.get(), out / "executed_config.json")
+        write_run_bundle(ref.root, out, extra_configs, opts)
+
+    run_sections(parser)
+    result = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    run_file = out / "mlflow_run.json"
+    result["output_dir"] = str(out)
+    result["mlflow"] = json.loads(run_file.read_text()) if run_file.is_file() else None
+    return result
