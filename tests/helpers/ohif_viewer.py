@@ -38,12 +38,33 @@ SETUP_SH = HERE / "setup.sh"
 CHECK_MJS = HERE / "check_seg.mjs"
 
 # Browser-visible headers a proxy must not pass on (RFC 9110 7.6.1 hop-by-hop, plus lengths we recompute).
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-               "transfer-encoding", "upgrade", "content-length"}
-_TYPES = {".js": "application/javascript", ".mjs": "application/javascript", ".wasm": "application/wasm",
-          ".css": "text/css", ".html": "text/html; charset=utf-8", ".json": "application/json",
-          ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2",
-          ".woff": "font/woff", ".ttf": "font/ttf", ".map": "application/json", ".txt": "text/plain"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+}
+_TYPES = {
+    ".js": "application/javascript",
+    ".mjs": "application/javascript",
+    ".wasm": "application/wasm",
+    ".css": "text/css",
+    ".html": "text/html; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".ttf": "font/ttf",
+    ".map": "application/json",
+    ".txt": "text/plain",
+}
 
 
 class SetupError(RuntimeError):
@@ -100,28 +121,30 @@ def app_config_js(datasource_overrides: dict | None = None) -> str:
         "investigationalUseDialog": {"option": "never"},
         "customizationService": {"global": {"ohif.tours": {"$set": []}}},
         "defaultDataSourceName": "orthanc",
-        "dataSources": [{
-            "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-            "sourceName": "orthanc",
-            "configuration": {
-                "friendlyName": "Orthanc (test)",
-                "name": "orthanc",
-                "qidoRoot": "/dicom-web",
-                "wadoRoot": "/dicom-web",
-                "wadoUriRoot": "/wado",
-                "qidoSupportsIncludeField": False,
-                "imageRendering": "wadors",
-                "thumbnailRendering": "wadors",
-                "enableStudyLazyLoad": True,
-                "supportsFuzzyMatching": False,
-                "supportsWildcard": True,
-                "staticWado": False,
-                "singlepart": "bulkdata,video",
-                "bulkDataURI": {"enabled": True},
-                "omitQuotationForMultipartRequest": True,
-                **(datasource_overrides or {}),
-            },
-        }],
+        "dataSources": [
+            {
+                "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+                "sourceName": "orthanc",
+                "configuration": {
+                    "friendlyName": "Orthanc (test)",
+                    "name": "orthanc",
+                    "qidoRoot": "/dicom-web",
+                    "wadoRoot": "/dicom-web",
+                    "wadoUriRoot": "/wado",
+                    "qidoSupportsIncludeField": False,
+                    "imageRendering": "wadors",
+                    "thumbnailRendering": "wadors",
+                    "enableStudyLazyLoad": True,
+                    "supportsFuzzyMatching": False,
+                    "supportsWildcard": True,
+                    "staticWado": False,
+                    "singlepart": "bulkdata,video",
+                    "bulkDataURI": {"enabled": True},
+                    "omitQuotationForMultipartRequest": True,
+                    **(datasource_overrides or {}),
+                },
+            }
+        ],
     }
     # Relative roots: OHIF resolves them against the page, which keeps every request same-origin.
     return "window.config = " + json.dumps(config, indent=1) + ";\n"
@@ -216,7 +239,7 @@ class OhifServer:
             def _proxy(self) -> None:
                 host, port, root = server._upstream
                 split = urllib.parse.urlsplit(self.path)
-                upstream_path = root + split.path[len("/dicom-web"):] + (f"?{split.query}" if split.query else "")
+                upstream_path = root + split.path[len("/dicom-web") :] + (f"?{split.query}" if split.query else "")
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -227,8 +250,11 @@ class OhifServer:
                     resp = conn.getresponse()
                     data = resp.read()  # de-chunked; re-sent with a Content-Length
                     status, ctype = resp.status, resp.getheader("Content-Type", "application/octet-stream")
-                    extra = {k: v for k, v in resp.getheaders()
-                             if k.lower() not in _HOP_BY_HOP and k.lower() != "content-type"}
+                    extra = {
+                        k: v
+                        for k, v in resp.getheaders()
+                        if k.lower() not in _HOP_BY_HOP and k.lower() != "content-type"
+                    }
                 except OSError as exc:
                     status, ctype, data, extra = 502, "text/plain", f"proxy error: {exc}".encode(), {}
                 finally:
@@ -249,15 +275,35 @@ class CheckResult:
     returncode: int
 
 
-def run_check(tools: OhifTools, viewer_url: str, study_uid: str, seg_series_uid: str, out_json: str | Path,
-              timeout_s: float = 240.0) -> CheckResult:
+def run_check(
+    tools: OhifTools,
+    viewer_url: str,
+    study_uid: str,
+    seg_series_uid: str,
+    out_json: str | Path,
+    timeout_s: float = 240.0,
+) -> CheckResult:
     """Run ``check_seg.mjs`` for one study and SEG series; its own hard timeout is ``timeout_s``."""
     node = shutil.which("node")
     if node is None:
         raise SetupError("ohif setup: node is missing")
     env = {**os.environ, "NODE_PATH": str(tools.node_modules)}
-    cmd = [node, str(CHECK_MJS), "--chromium", tools.chromium, "--url", viewer_url, "--study", study_uid,
-           "--seg-series", seg_series_uid, "--out", str(out_json), "--timeout-ms", str(int(timeout_s * 1000))]
+    cmd = [
+        node,
+        str(CHECK_MJS),
+        "--chromium",
+        tools.chromium,
+        "--url",
+        viewer_url,
+        "--study",
+        study_uid,
+        "--seg-series",
+        seg_series_uid,
+        "--out",
+        str(out_json),
+        "--timeout-ms",
+        str(int(timeout_s * 1000)),
+    ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout_s + 60)
     report = json.loads(Path(out_json).read_text()) if Path(out_json).is_file() else {}
     return CheckResult(report, proc.stdout, proc.stderr, proc.returncode)
@@ -292,7 +338,7 @@ def _labelmap_planes(labelmap: dict) -> list[tuple[np.ndarray, np.ndarray]]:
         rc = np.asarray(img["rowCosines"], dtype=np.float64)
         cc = np.asarray(img["columnCosines"], dtype=np.float64)
         r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        world = (ipp + c[..., None] * img["columnPixelSpacing"] * rc + r[..., None] * img["rowPixelSpacing"] * cc)
+        world = ipp + c[..., None] * img["columnPixelSpacing"] * rc + r[..., None] * img["rowPixelSpacing"] * cc
         planes.append((values, world))
     return planes
 
@@ -301,8 +347,9 @@ def _decode(blob: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(blob["base64"]), dtype=np.dtype(blob["dtype"])).copy()
 
 
-def labelmap_on_grid(labelmap: dict, affine_lps: np.ndarray, shape: tuple[int, int, int],
-                     tol_voxels: float = 0.01) -> np.ndarray:
+def labelmap_on_grid(
+    labelmap: dict, affine_lps: np.ndarray, shape: tuple[int, int, int], tol_voxels: float = 0.01
+) -> np.ndarray:
     """OHIF's labelmap resampled (by exact voxel-centre match, no interpolation) onto a source grid ``[i, j, k]``.
 
     Every labelmap voxel centre is taken to LPS (mm) with OHIF's geometry, then to the source grid's

@@ -26,20 +26,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-
-_TESTS = Path(__file__).resolve().parents[1]
-# The shared helpers live in tests/ now and may move to tests/helpers/: look in both.
-for _p in (_TESTS, _TESTS / "helpers"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
 from dicom_phantoms import write_phantom_series
 from ohif_viewer import OhifServer, SetupError, labelmap_on_grid, run_check, run_setup
 from orthanc_server import orthanc  # noqa: F401  (session fixture)
@@ -107,13 +99,29 @@ def _ohif_labels_on_grid(labelmap: dict, affine_lps: np.ndarray, shape: tuple[in
     return out
 
 
-def _show_in_ohif(tmp_path: Path, name: str, shape, spacing, orientation: str, viewer, tools, orthanc,  # noqa: F811
-                  **seg_kwargs):
+def _show_in_ohif(
+    tmp_path: Path,
+    name: str,
+    shape,
+    spacing,
+    orientation: str,
+    viewer,
+    tools,
+    orthanc,  # noqa: F811
+    **seg_kwargs,
+):
     """Phantom series -> segapp SEG -> Orthanc (STOW-RS) -> OHIF; returns (info, SEG path, OHIF labels on
     the source grid ``[i, j, k]``). Asserts OHIF parsed and hydrated the SEG without an error or warning."""
-    info = write_phantom_series(tmp_path / "series", shape=shape, spacing=spacing, orientation=orientation,
-                                modality="MR", rescale=(1.0, 0.0), reverse_file_order=True,
-                                series_description=f"phantom {name}")
+    info = write_phantom_series(
+        tmp_path / "series",
+        shape=shape,
+        spacing=spacing,
+        orientation=orientation,
+        modality="MR",
+        rescale=(1.0, 0.0),
+        reverse_file_order=True,
+        series_description=f"phantom {name}",
+    )
     _assert_asymmetric(info.mask_ijk)
     volume = read_series(tmp_path / "series")
     np.testing.assert_allclose(volume.affine_lps, info.affine_lps, atol=1e-4)
@@ -155,7 +163,8 @@ def _assert_same(got: np.ndarray, mask: np.ndarray) -> None:
     wrong = got != mask
     assert not wrong.any(), (
         f"OHIF's labelmap differs from the mask in {int(wrong.sum())} of {wrong.size} voxels "
-        f"(first at ijk {np.argwhere(wrong)[0].tolist()}: OHIF {got[wrong][0]}, mask {mask[wrong][0]})")
+        f"(first at ijk {np.argwhere(wrong)[0].tolist()}: OHIF {got[wrong][0]}, mask {mask[wrong][0]})"
+    )
 
 
 @pytest.mark.parametrize("orientation", list(SERIES))
@@ -169,8 +178,17 @@ def test_ohif_shows_segapp_seg_voxel_for_voxel(orientation, viewer, ohif_tools, 
 def test_ohif_shows_labelmap_seg_with_unaligned_frames(viewer, ohif_tools, orthanc, tmp_path):  # noqa: F811
     """A LABELMAP SEG (8 bits a pixel) has no bit packing: OHIF shows it right on any grid."""
     shape, spacing = UNALIGNED
-    info, _, got = _show_in_ohif(tmp_path, "oblique-unaligned-labelmap", shape, spacing, "oblique", viewer,
-                                 ohif_tools, orthanc, segmentation_type="LABELMAP")
+    info, _, got = _show_in_ohif(
+        tmp_path,
+        "oblique-unaligned-labelmap",
+        shape,
+        spacing,
+        "oblique",
+        viewer,
+        ohif_tools,
+        orthanc,
+        segmentation_type="LABELMAP",
+    )
     _assert_same(got, info.mask_ijk)
 
 
@@ -184,7 +202,7 @@ def _dcmjs_labels(seg_path: Path, volume_sop_uids: list[str], shape: tuple[int, 
     k_of = {uid: k for k, uid in enumerate(volume_sop_uids)}
     out = np.zeros(shape, dtype=np.int64)
     for f, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        frame_bits = bits[f * rows * cols:(f + 1) * rows * cols]  # dcmjs: written MSB first into byte 0..
+        frame_bits = bits[f * rows * cols : (f + 1) * rows * cols]  # dcmjs: written MSB first into byte 0..
         frame_bytes = np.packbits(frame_bits, bitorder="big")
         pixels = np.unpackbits(frame_bytes, bitorder="little")[: rows * cols].reshape(rows, cols)  # read LSB first
         segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
@@ -198,8 +216,9 @@ def test_ohif_binary_seg_with_unaligned_frames_hits_dcmjs_bug(viewer, ohif_tools
     bit-order bug predicts (xfail); once OHIF shows the mask, this test fails: make it a normal one."""
     shape, spacing = UNALIGNED
     assert (shape[0] * shape[1]) % 8 != 0
-    info, seg_path, got = _show_in_ohif(tmp_path, "oblique-unaligned-binary", shape, spacing, "oblique", viewer,
-                                        ohif_tools, orthanc)
+    info, seg_path, got = _show_in_ohif(
+        tmp_path, "oblique-unaligned-binary", shape, spacing, "oblique", viewer, ohif_tools, orthanc
+    )
     # segapp's SEG itself is right: pydicom (LSB first, frames back to back) reads the mask back.
     frames = pydicom.dcmread(seg_path).pixel_array
     assert frames.shape[1:] == (shape[1], shape[0]) and frames.any()
@@ -208,7 +227,12 @@ def test_ohif_binary_seg_with_unaligned_frames_hits_dcmjs_bug(viewer, ohif_tools
         pytest.fail("OHIF now shows a BINARY SEG with unaligned frames correctly: drop this xfail, test it normally")
     predicted = _dcmjs_labels(seg_path, info.sop_instance_uids, shape)
     assert not np.array_equal(predicted, info.mask_ijk)
-    np.testing.assert_array_equal(got, predicted, err_msg="OHIF's labelmap is wrong, but not the way the dcmjs "
-                                                          "bit-order bug predicts: a new problem")
-    pytest.xfail(f"OHIF 3.13.2 (dcmjs AsyncDicomReader.readUncompressedBitFrame reads bits MSB first) scrambles "
-                 f"{int(wrong.sum())} of {wrong.size} voxels of a BINARY SEG whose frames are not byte-aligned")
+    np.testing.assert_array_equal(
+        got,
+        predicted,
+        err_msg="OHIF's labelmap is wrong, but not the way the dcmjs bit-order bug predicts: a new problem",
+    )
+    pytest.xfail(
+        f"OHIF 3.13.2 (dcmjs AsyncDicomReader.readUncompressedBitFrame reads bits MSB first) scrambles "
+        f"{int(wrong.sum())} of {wrong.size} voxels of a BINARY SEG whose frames are not byte-aligned"
+    )
