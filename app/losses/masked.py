@@ -307,8 +307,8 @@ class MaskedCrossEntropyLoss(nn.Module):
     """Cross-entropy averaged over labelled voxels, with optional class weights and voxel weights.
 
     ``loss = sum_i m_i v_i c_{t_i} CE_i / sum_i m_i c_{t_i}`` where ``m`` is the labelled map, ``v``
-    the per-voxel weight map passed to ``forward`` (e.g. the U-Net border weights of
-    ``app.transforms.weight_map``; ignored voxels may have any weight) and ``c`` the class weights.
+    the per-voxel weight map passed to ``forward`` (dimensionless; ignored voxels may have any weight)
+    and ``c`` the class weights.
     Without voxel weights this is exactly ``torch.nn.CrossEntropyLoss(weight=c)`` restricted to labelled
     voxels. A one-channel prediction uses binary cross-entropy with logits (target 0/1).
 

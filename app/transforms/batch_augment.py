@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import MapTransform, Randomizable
 
 from app.errors import ConfigError
 from app.transforms.batch_intensity import apply_gamma, apply_gaussian_noise, apply_scale_shift
 
-__all__ = ["BatchAugment", "BatchAugmentd", "monai_elastic_rms"]
+__all__ = ["BatchAugment", "monai_elastic_rms"]
 
 logger = logging.getLogger(__name__)
 
@@ -443,53 +442,3 @@ class BatchAugment:
             f"prob_flip={self.prob_flip}, flip_axes={self.flip_axes}, prob_gamma={self.prob_gamma}, "
             f"prob_noise={self.prob_noise}, prob_contrast={self.prob_contrast}, prob_brightness={self.prob_brightness})"
         )
-
-
-class BatchAugmentd(MapTransform, Randomizable):
-    """Dictionary wrapper of :class:`BatchAugment` for a *batched* dict (e.g. in a custom training loop).
-
-    Args:
-        image_key: key of the ``(B, C, X, Y, Z)`` image.
-        label_key: key of the label (skipped when absent or None).
-        extra_keys: keys resampled like the label (nearest, ``extra_pad_value`` outside).
-        allow_missing_keys: skip missing ``extra_keys`` instead of raising.
-        **kwargs: :class:`BatchAugment` arguments.
-    """
-
-    def __init__(
-        self,
-        image_key: str = "image",
-        label_key: str | None = "label",
-        extra_keys: Sequence[str] = (),
-        allow_missing_keys: bool = False,
-        **kwargs: Any,
-    ):
-        keys = [image_key] + ([label_key] if label_key else []) + list(extra_keys)
-        MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self.image_key, self.label_key, self.extra_keys = image_key, label_key, tuple(extra_keys)
-        self.strict_extras = not allow_missing_keys
-        self.augment = BatchAugment(**kwargs)
-
-    def set_random_state(self, seed: int | None = None, state: Any = None) -> BatchAugmentd:
-        """Reseed the wrapped :class:`BatchAugment` (``state`` is not supported: torch generators)."""
-        self.augment.set_random_state(seed)
-        return self
-
-    def randomize(self, data: Any = None) -> None:  # parameters are drawn inside BatchAugment.__call__
-        pass
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        d = dict(data)
-        if self.image_key not in d:
-            raise KeyError(f"BatchAugmentd: batch has no image key {self.image_key!r}")
-        missing = [k for k in self.extra_keys if k not in d]
-        if missing and self.strict_extras:
-            raise KeyError(f"BatchAugmentd: batch has no key(s) {missing}")
-        label = d.get(self.label_key) if self.label_key else None
-        extra = {k: d[k] for k in self.extra_keys if k in d}
-        image, label, extra = self.augment(d[self.image_key], label, extra)
-        d[self.image_key] = image
-        if label is not None:
-            d[self.label_key] = label
-        d.update(extra)
-        return d

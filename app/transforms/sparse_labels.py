@@ -1,4 +1,4 @@
-"""Simulated sparse annotation from dense labels: orthogonal planes (Cicek et al. 2016) or scribbles.
+"""Simulated sparse annotation from dense labels: orthogonal planes (Cicek et al. 2016).
 
 Every voxel that is not kept is set to ``ignore_value`` (the masked losses of ``app.losses`` skip
 it); kept voxels hold the dense label unchanged.
@@ -21,7 +21,6 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_dst_type
-from scipy import ndimage
 
 from app.errors import InputError
 
@@ -29,11 +28,9 @@ __all__ = [
     "case_seed",
     "choose_planes",
     "sparsify_slices",
-    "scribbles",
     "labelled_fraction",
     "LabelledFraction",
     "SparseSlicesd",
-    "Scribblesd",
 ]
 
 
@@ -143,104 +140,6 @@ def sparsify_slices(
         sl = [slice(None)] * label.ndim
         sl[ax] = idx
         keep[tuple(sl)] = True
-    out = np.full(label.shape, ignore_value, dtype=_out_dtype(label, ignore_value))
-    out[keep] = label[keep]
-    return out
-
-
-def _walk(
-    region: np.ndarray,
-    start: np.ndarray,
-    length: int,
-    rng: np.random.Generator,
-    plane_axis: int | None,
-    turn: float = 0.3,
-) -> list[tuple[int, ...]]:
-    """A smooth random walk of unit steps inside ``region`` (direction with momentum ``1 - turn``);
-    a step that would leave the region picks a new direction (5 tries), else the walk stops."""
-    pos = start.astype(float)
-    path = [tuple(start)]
-
-    def new_dir(d=None):
-        v = rng.normal(size=region.ndim) if d is None else d + turn * rng.normal(size=region.ndim)
-        if plane_axis is not None:
-            v[plane_axis] = 0.0
-        nrm = np.linalg.norm(v)
-        return v / nrm if nrm > 0 else new_dir()
-
-    d = new_dir()
-    for _ in range(length):
-        for _try in range(5):
-            cand = pos + d
-            idx = tuple(int(round(c)) for c in cand)
-            if all(0 <= i < n for i, n in zip(idx, region.shape)) and region[idx]:
-                break
-            d = new_dir()
-        else:
-            break
-        pos = cand
-        if idx != path[-1]:
-            path.append(idx)
-        d = new_dir(d)
-    return path
-
-
-def scribbles(
-    label: np.ndarray,
-    n_per_class: int | Mapping[int, int] = 1,
-    radius: int = 1,
-    length: int = 40,
-    ignore_value: int = 255,
-    rng: np.random.Generator | int | None = None,
-    classes: Sequence[int] | None = None,
-    plane_axis: int | None = None,
-) -> np.ndarray:
-    """Keep random scribble strokes inside each class (background included), the rest ``ignore_value``.
-
-    Each stroke is a smooth random walk of ``length`` unit steps (voxels) that stays inside one
-    class region, started at a voxel at least ``radius + 1`` voxels from the class border when there
-    is one, then thickened by a ball of ``radius`` voxels (clipped to the class region, so every
-    kept voxel carries its true label).
-
-    Args:
-        label: dense integer labels ``(*spatial)``.
-        n_per_class: strokes per class, or ``{class: count}``.
-        radius: stroke half-thickness in voxels (0 = one voxel thin).
-        length: stroke length in steps (voxels).
-        ignore_value: value of unlabelled voxels in the output.
-        rng: generator or seed.
-        classes: the classes to scribble (default: every class present, background included).
-        plane_axis: when given, strokes are drawn within one plane normal to this axis (as an
-            annotator drawing on 2-D slices).
-    """
-    label = np.asarray(label)
-    rng = _rng(rng)
-    present = [int(c) for c in np.unique(label) if c != ignore_value]
-    classes = present if classes is None else [int(c) for c in classes if int(c) in present]
-    keep = np.zeros(label.shape, bool)
-    ball = ndimage.generate_binary_structure(label.ndim, 1)
-    for c in classes:
-        region = label == c
-        n = n_per_class.get(c, 0) if isinstance(n_per_class, Mapping) else int(n_per_class)
-        if n <= 0:
-            continue
-        members = np.flatnonzero(region)
-        points: list[tuple[int, ...]] = []
-        for _ in range(n):
-            start = _start_point(region, members, radius + 1, rng)
-            points.extend(_walk(region, start, length, rng, plane_axis))
-        # thicken within the strokes' bounding box only (cheap on large volumes)
-        pts = np.array(points)
-        box = tuple(
-            slice(max(lo - radius, 0), min(hi + radius + 1, sz))
-            for lo, hi, sz in zip(pts.min(0), pts.max(0), label.shape)
-        )
-        stroke = np.zeros([b.stop - b.start for b in box], bool)
-        stroke[tuple((pts - [b.start for b in box]).T)] = True
-        if radius > 0:
-            struct = ball if plane_axis is None else _in_plane(ball, plane_axis)
-            stroke = ndimage.binary_dilation(stroke, structure=struct, iterations=radius, mask=region[box])
-        keep[box] |= stroke & region[box]
     out = np.full(label.shape, ignore_value, dtype=_out_dtype(label, ignore_value))
     out[keep] = label[keep]
     return out
@@ -363,33 +262,3 @@ class SparseSlicesd(_SparseBase):
 
     def _apply(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return sparsify_slices(arr, rng=rng, **self.kwargs)
-
-
-class Scribblesd(_SparseBase):
-    """Dictionary wrapper of :func:`scribbles` on channel-first labels; seeding as :class:`SparseSlicesd`."""
-
-    def __init__(
-        self,
-        keys: KeysCollection = "label",
-        n_per_class: int | Mapping[int, int] = 1,
-        radius: int = 1,
-        length: int = 40,
-        ignore_value: int = 255,
-        classes: Sequence[int] | None = None,
-        plane_axis: int | None = None,
-        seed: int | None = 0,
-        case_key: str | None = None,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, seed, case_key, allow_missing_keys)
-        self.kwargs = dict(
-            n_per_class=n_per_class,
-            radius=radius,
-            length=length,
-            ignore_value=ignore_value,
-            classes=classes,
-            plane_axis=plane_axis,
-        )
-
-    def _apply(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return scribbles(arr, rng=rng, **self.kwargs)

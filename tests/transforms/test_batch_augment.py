@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from app.errors import ConfigError, InputError
 from app.training.prepare_batch import AugmentPrepareBatch
-from app.transforms.batch_augment import BatchAugment, BatchAugmentd, monai_elastic_rms
+from app.transforms.batch_augment import BatchAugment, monai_elastic_rms
 
 SHAPE = (40, 44, 36)
 
@@ -402,18 +402,6 @@ def test_prepare_batch_inside_supervised_trainer():
         assert img.shape == image.shape and not torch.equal(img, image) and not torch.equal(lab, label)
     assert not torch.equal(seen[0][0], seen[1][0])  # fresh draw each iteration
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
-
-
-def test_dictionary_wrapper_matches_array_transform():
-    image, label = phantom(batch=2)
-    mask = torch.ones_like(label, dtype=torch.uint8)
-    ref = BatchAugment(**FULL, seed=6)(image, label, {"mask": mask})
-    tf = BatchAugmentd(extra_keys=("mask",), **FULL).set_random_state(6)
-    out = tf({"image": image, "label": label, "mask": mask, "name": "case"})
-    assert torch.equal(out["image"], ref[0]) and torch.equal(out["label"], ref[1])
-    assert torch.equal(out["mask"], ref[2]["mask"]) and out["name"] == "case"
-    with pytest.raises(KeyError, match="mask"):
-        tf({"image": image, "label": label})
 
 
 def test_builds_from_a_bundle_config():
