@@ -221,7 +221,7 @@ def infer_batch(a) -> int:
 
 
 def seg2nifti(a) -> int:
-    from app.io.dicom_seg import seg_to_nifti
+    from app.io.seg_read import seg_to_nifti
 
     print(seg_to_nifti(a.seg, a.reference, a.output))
     return 0

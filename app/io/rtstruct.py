@@ -22,7 +22,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from app import __version__
 from app.errors import ConfigError, InputError
 from app.io.atomic import atomic_path
-from app.io.dicom_seg import _check_volume_matches_headers, _source_headers
+from app.io.dicom_source import check_volume_matches_headers, source_series
 from app.io.geometry import voxel_to_world
 from app.io.volume import SeriesVolume
 
@@ -122,7 +122,7 @@ def write_rtstruct(
         output_path: the file to write (atomically).
         algorithm: ``(name, version)`` recorded as ROIGenerationDescription.
         colors: label value -> RGB display colour (defaults cycle through a fixed palette).
-        allow_generated_uids: as for :func:`app.io.dicom_seg.write_seg`.
+        allow_generated_uids: see :func:`app.io.dicom_source.source_series`.
 
     Returns:
         ``output_path``. Contours are CLOSED_PLANAR, in LPS mm, one ContourImageSequence item each
@@ -140,12 +140,10 @@ def write_rtstruct(
     unknown = sorted(present - set(roi_names))
     if unknown:
         raise InputError(f"label values {unknown} occur in the label map but have no ROI name")
-    _check_volume_matches_headers(volume)
-    sources = _source_headers(volume, allow_generated_uids)
-    by_id = {key: n for n, key in enumerate(dict.fromkeys(id(d) for d in volume.datasets))}
-    slice_src = [sources[by_id[id(d)]] for d in volume.datasets]
-    multiframe = len(sources) == 1 and volume.shape[2] > 1
-    first = sources[0]
+    check_volume_matches_headers(volume)
+    src = source_series(volume, allow_generated_uids)
+    multiframe = src.multiframe
+    first = src.first
 
     ds = Dataset()
     for kw in _COPIED:
@@ -168,28 +166,28 @@ def write_rtstruct(
     ds.StructureSetDate = now.strftime("%Y%m%d")
     ds.StructureSetTime = now.strftime("%H%M%S")
     ds.StructureSetLabel = structure_set_label[:16]
-    for_uid = str(first.FrameOfReferenceUID)
+    for_uid = src.frame_of_reference_uid
     ds.FrameOfReferenceUID = for_uid  # Frame of Reference module (part of the IOD since 2020)
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
 
     def image_ref(k: int) -> Dataset:
         item = Dataset()
-        item.ReferencedSOPClassUID = slice_src[k].SOPClassUID
-        item.ReferencedSOPInstanceUID = slice_src[k].SOPInstanceUID
+        item.ReferencedSOPClassUID = src.sop_class_uids[src.instance_of_slice[k]]
+        item.ReferencedSOPInstanceUID = src.sop_instance_uids[src.instance_of_slice[k]]
         if multiframe:
-            item.ReferencedFrameNumber = int(volume.frame_numbers[k])
+            item.ReferencedFrameNumber = src.frame_numbers[k]
         return item
 
     series_ref = Dataset()
-    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
+    series_ref.SeriesInstanceUID = src.series_instance_uid
     series_ref.ContourImageSequence = DicomSequence(
         [image_ref(k) for k in range(volume.shape[2])] if not multiframe else [image_ref(0)]
     )
     if multiframe:  # list every frame of the one source instance
-        series_ref.ContourImageSequence[0].ReferencedFrameNumber = [int(f) for f in volume.frame_numbers]
+        series_ref.ContourImageSequence[0].ReferencedFrameNumber = list(src.frame_numbers)
     study_ref = Dataset()
     study_ref.ReferencedSOPClassUID = _STUDY_REF_CLASS
-    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study_ref.ReferencedSOPInstanceUID = src.study_instance_uid
     study_ref.RTReferencedSeriesSequence = DicomSequence([series_ref])
     for_ref = Dataset()
     for_ref.FrameOfReferenceUID = for_uid

@@ -65,7 +65,7 @@ class LoadCased(MapTransform):
         if label_path is None:
             return d
         if label_is_seg:
-            from app.io.dicom_seg import read_seg
+            from app.io.seg_read import read_seg
 
             labels_ijk, affine_lps = read_seg(label_path, volume)  # on the series' voxel grid
             dtype = np.int16 if labels_ijk.size == 0 or int(labels_ijk.max()) <= np.iinfo(np.int16).max else np.int32

@@ -17,8 +17,8 @@ from dicomweb_client.api import DICOMwebClient
 from orthanc_server import orthanc  # noqa: F401  (session fixture)
 
 from app.cli import main
-from app.io.dicom_seg import read_seg
 from app.io.dicom_series import read_series
+from app.io.seg_read import read_seg
 
 BUNDLE = "hippocampus_unet3d"
 

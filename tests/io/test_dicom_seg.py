@@ -1,29 +1,22 @@
-"""DICOM SEG writing and reading: geometry round trips on phantoms, reference SEGs from dcmqi and
-pydicom, UID edge cases, errors, NIfTI export."""
+"""DICOM SEG writing and reading back: geometry round trips on phantoms, UID edge cases, errors.
+Reading SEGs of other writers: tests/io/test_seg_read.py; the fast engine vs highdicom: tests/io/test_seg_fast.py."""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
-from conftest import TEST_DATA
 from dicom_phantoms import edit_file, write_enhanced_multiframe, write_phantom_series
 from dicom_validation import assert_dciodvfy_clean
 
 from app.errors import ConfigError, DicomError, InputError
-from app.io.dicom_seg import SegmentSpec, read_seg, seg_to_nifti, write_seg
 from app.io.dicom_series import read_series
-from app.io.geometry import lps_to_ras, world_to_voxel
-from app.io.nifti import load_nifti
+from app.io.seg_read import read_seg
+from app.io.seg_write import write_seg
+from app.io.segments import SegmentSpec
 from app.io.volume import SeriesVolume
-
-SHARED = TEST_DATA
-SEGS = SHARED / "dicom_seg_refs" / "dcmqi" / "data" / "segmentations"
-PYDICOM_LIVER = SHARED / "dicom_seg_refs" / "pydicom_data_liver"
 
 SPECS = [
     SegmentSpec(1, "box", type_code=("10200004", "SCT", "Liver")),
@@ -36,21 +29,6 @@ ALGO = ("phantom_bundle", "0.1.0")
 def threshold_model(image_ijk: np.ndarray) -> np.ndarray:
     """A trivial 'model': the phantom's objects sit on value plateaus (see dicom_phantoms)."""
     return ((image_ijk > -800).astype(np.uint8) + (image_ijk > -400) + (image_ijk > 0)).astype(np.uint8)
-
-
-def _nrrd_on_grid(nrrd: Path, affine_lps: np.ndarray, shape) -> np.ndarray:
-    """Place an NRRD label map on a grid by geometry (ITK images are in LPS)."""
-    img = sitk.ReadImage(str(nrrd))
-    arr = sitk.GetArrayFromImage(img)  # [z, y, x]
-    direction = np.array(img.GetDirection()).reshape(3, 3)
-    idx_xyz = np.argwhere(arr != 0)[:, ::-1].astype(np.float64)
-    lps = idx_xyz @ (direction * np.array(img.GetSpacing())).T + np.array(img.GetOrigin())
-    vox = world_to_voxel(affine_lps, lps)
-    assert np.abs(vox - np.round(vox)).max() < 1e-3, "NRRD grid does not coincide with the reference grid"
-    vox = np.round(vox).astype(int)
-    out = np.zeros(shape, dtype=np.int32)
-    out[vox[:, 0], vox[:, 1], vox[:, 2]] = arr[arr != 0]
-    return out
 
 
 @pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal", "oblique"])
@@ -212,60 +190,27 @@ def test_read_errors(tmp_path):
     info = write_phantom_series(tmp_path / "ct", shape=(16, 12, 6))
     with pytest.raises(DicomError, match="not a DICOM SEG"):
         read_seg(info.files[0], tmp_path / "ct")
-    other = write_phantom_series(tmp_path / "other", shape=(16, 12, 6), spacing=(1.0, 1.0, 2.0))
+    # same frame of reference, other spacing: the frames' positions are off its grid
+    other = write_phantom_series(
+        tmp_path / "other",
+        shape=(16, 12, 6),
+        spacing=(1.0, 1.0, 2.0),
+        frame_of_reference_uid=info.frame_of_reference_uid,
+    )
     vol = read_series(tmp_path / "ct")
     out = write_seg(vol, info.mask_ijk, SPECS, ALGO, tmp_path / "seg.dcm")
     with pytest.raises(DicomError, match="does not lie on the reference grid"):
         read_seg(out, read_series(tmp_path / "other"))
     assert other.files  # the other series exists and was read
+    # another frame of reference: positions mean nothing there and no frame references its slices
+    write_phantom_series(tmp_path / "unrelated", shape=(16, 12, 6))
+    with pytest.raises(DicomError, match="Frame of Reference differs"):
+        read_seg(out, read_series(tmp_path / "unrelated"))
+    with pytest.raises(ConfigError, match="overlap"):
+        read_seg(out, vol, overlap="max")
     (tmp_path / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(DicomError):
         read_seg(tmp_path / "junk.dcm", None)
-
-
-def test_dcmqi_liver_equals_nrrd():
-    ref = read_series(SEGS / "ct-3slice")
-    labels, affine = read_seg(SEGS / "liver.dcm", ref)
-    expected = _nrrd_on_grid(SEGS / "liver_seg.nrrd", affine, labels.shape)
-    assert expected.sum() > 100_000
-    np.testing.assert_array_equal(labels, expected)
-    own, own_affine = read_seg(SEGS / "liver.dcm", None)  # the SEG's own grid is the same here
-    np.testing.assert_allclose(own_affine, affine, atol=1e-3)
-    np.testing.assert_array_equal(own, expected)
-
-
-@pytest.mark.parametrize("name", sorted(p.name for p in PYDICOM_LIVER.glob("*.dcm")))
-def test_pydicom_liver_encodings_agree(name):
-    ref = read_series(SEGS / "ct-3slice")
-    expected, _ = read_seg(SEGS / "liver.dcm", ref)
-    labels, _ = read_seg(PYDICOM_LIVER / name, ref)
-    np.testing.assert_array_equal(labels, expected)
-
-
-def test_dcmqi_sparse_labelmap_and_overlaps():
-    labels, affine = read_seg(SEGS / "sparse-labelmap-ppv5.dcm", None)
-    expected = _nrrd_on_grid(SEGS / "sparse_labelmap_ppv5_seg.nrrd", affine, labels.shape)
-    # the NRRD marks the slice the SEG leaves out with padding value 5; the SEG says "not segmented"
-    np.testing.assert_array_equal(labels, np.where(expected == 5, 0, expected))
-    ref = read_series(SEGS / "ct-3slice")
-    with pytest.raises(DicomError, match="overlap"):
-        read_seg(SEGS / "partial_overlaps.dcm", ref)
-    highest, _ = read_seg(SEGS / "partial_overlaps.dcm", ref, overlap="highest")
-    assert set(np.unique(highest)) == {0, 1, 2, 3, 4, 5}
-    for n in (1, 2, 3):  # each NRRD holds some segments; where it says n, the result is >= n
-        part = _nrrd_on_grid(SEGS / f"partial_overlaps-{n}.nrrd", ref.affine_lps, ref.shape)
-        assert part.any()
-        assert (highest[part > 0] >= part[part > 0]).all()
-
-
-def test_seg_to_nifti(tmp_path):
-    out = seg_to_nifti(SEGS / "liver.dcm", SEGS / "ct-3slice", tmp_path / "liver.nii.gz")
-    data, affine_ras = load_nifti(out)
-    ref = read_series(SEGS / "ct-3slice")
-    np.testing.assert_allclose(affine_ras, lps_to_ras(ref.affine_lps), atol=1e-5)
-    expected, _ = read_seg(SEGS / "liver.dcm", ref)
-    assert data.dtype == np.uint8
-    np.testing.assert_array_equal(data, expected)
 
 
 @pytest.mark.slow

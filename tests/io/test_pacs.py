@@ -15,9 +15,11 @@ from dicomweb_client.api import DICOMwebClient
 from orthanc_server import free_port, orthanc  # noqa: F401  (session fixture)
 
 from app.errors import ConfigError
-from app.io.dicom_seg import SegmentSpec, read_seg, write_seg
 from app.io.dicom_series import read_series
 from app.io.pacs import SendError, parse_destination, send
+from app.io.seg_read import read_seg
+from app.io.seg_write import write_seg
+from app.io.segments import SegmentSpec
 
 SPECS = [SegmentSpec(1, "box"), SegmentSpec(2, "sphere"), SegmentSpec(3, "bar")]
 

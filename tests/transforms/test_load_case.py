@@ -10,8 +10,9 @@ from dicom_phantoms import write_phantom_series
 from app.bundle.config import bundle_parser
 from app.bundle.store import find_bundle
 from app.errors import InputError
-from app.io.dicom_seg import SegmentSpec, write_seg
 from app.io.dicom_series import read_series
+from app.io.seg_write import write_seg
+from app.io.segments import SegmentSpec
 from app.transforms.load import LoadCased
 
 
