@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ignite.engine import Events
 
-from app.bundle.config import run_sections, write_executed_config
+from app.bundle.config import run_sections, write_config
 
 
 def train_with_budget(parser, out: Path, minutes: float | None = None) -> tuple[int, float, Path]:
@@ -17,7 +17,7 @@ def train_with_budget(parser, out: Path, minutes: float | None = None) -> tuple[
     epoch's checkpoint when the budget stopped training early).
     """
     out.mkdir(parents=True, exist_ok=True)
-    write_executed_config(parser, out / "executed_config.json")
+    write_config(parser.get(), out / "executed_config.json")
     trainer = parser.get_parsed_content("train#trainer")
     t0 = time.perf_counter()
     if minutes:

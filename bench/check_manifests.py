@@ -8,6 +8,7 @@ Prints every problem (each naming its file) and exits non-zero if there is one. 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,4 +34,6 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("manifests", nargs="*", help="manifest files (default: every one in data_manifests/)")
+    sys.exit(main(ap.parse_args().manifests))

@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so the bundle config can build CTBenchNet
 
 import pydicom  # noqa: E402
@@ -129,8 +130,18 @@ def write_ct_series(folder: Path, shape: tuple[int, int, int], spacing: tuple[fl
     return folder
 
 
-def bundle_overrides(classes: int, features: list[int], roi: list[int], spacing_net: float) -> dict:
-    segments = [
+def bench_bundle(work: Path, classes: int) -> Path:
+    """A copy of the hippocampus bundle whose metadata describes the bench's CT classes (series rules,
+    label names, segment codes): segapp takes those from a bundle's metadata file."""
+    root = work / "bench_bundle"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(REPO / "bundles" / BUNDLE, root)
+    meta_file = root / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    names = {str(c): ("background" if c == 0 else f"class {c}") for c in range(classes)}
+    meta["network_data_format"]["outputs"]["pred"].update(num_channels=classes, channel_def=names)
+    meta["series_rules"] = {"modality": ["CT"], "min_slices": 8}
+    meta["segments"] = [
         {
             "label_value": c,
             "label_name": f"class {c}",
@@ -139,6 +150,11 @@ def bundle_overrides(classes: int, features: list[int], roi: list[int], spacing_
         }
         for c in range(1, classes)
     ]
+    meta_file.write_text(json.dumps(meta, indent=4))
+    return root
+
+
+def bundle_overrides(classes: int, features: list[int], roi: list[int], spacing_net: float) -> dict:
     return {
         "network_def": {
             "_target_": "infer_speed.CTBenchNet",
@@ -149,19 +165,20 @@ def bundle_overrides(classes: int, features: list[int], roi: list[int], spacing_
         "num_classes": classes,
         "patch_size": roi,
         "target_spacing": [spacing_net] * 3,
-        "_meta_#series_rules": {"modality": ["CT"], "min_slices": 8},
-        "_meta_#segments": segments,
     }
 
 
-def run_segapp(series: Path, out: Path, ckpt: Path, overrides: dict, device: str) -> tuple[dict, np.ndarray]:
+def run_segapp(
+    bundle: Path, series: Path, out: Path, ckpt: Path, overrides: dict, device: str
+) -> tuple[dict, np.ndarray]:
     from app.cli import main
 
     t0 = time.perf_counter()
     rc = main(
         [
             "infer",
-            BUNDLE,
+            str(bundle),
+            "--trust-bundle",
             "--input",
             str(series),
             "--output",
@@ -181,8 +198,8 @@ def run_segapp(series: Path, out: Path, ckpt: Path, overrides: dict, device: str
         raise SystemExit(f"segapp infer failed with exit code {rc}")
     (summary,) = list(out.glob("*_summary.json"))
     timings = json.loads(summary.read_text())["timings"]
-    from app.io.dicom_seg import read_seg
     from app.io.dicom_series import read_series
+    from app.io.seg_read import read_seg
 
     labels, _ = read_seg(json.loads(summary.read_text())["outputs"]["seg"], read_series(series))
     return {**timings, "wall_s": wall}, labels
@@ -327,6 +344,11 @@ def dice_per_label(a: np.ndarray, b: np.ndarray, classes: int) -> dict[int, floa
     return out
 
 
+def _write_json(path: Path | None, figures: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(figures, indent=1, default=float))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[256, 256, 120], help="columns rows slices")
@@ -338,6 +360,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", help="keep the series and outputs here (default: a temporary folder)")
     ap.add_argument("--skip-monai", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args()
 
     from app.runtime.device import resolve_device
@@ -352,6 +375,7 @@ def main() -> None:
     ckpt = work / "bench_net.pt"
     torch.save(CTBenchNet(1, a.classes, a.features).state_dict(), ckpt)
     overrides = bundle_overrides(a.classes, a.features, a.roi, a.spacing_net)
+    bundle = bench_bundle(work, a.classes)
 
     # warm-up on a tiny series so imports and one-time initialisation are not timed
     tiny = work / "tiny"
@@ -360,14 +384,14 @@ def main() -> None:
     for d in ("warm_segapp", "warm_monai"):
         shutil.rmtree(work / d, ignore_errors=True)
         (work / d).mkdir(parents=True)
-    run_segapp(tiny, work / "warm_segapp", ckpt, {**overrides, "patch_size": [32, 32, 32]}, str(device))
+    run_segapp(bundle, tiny, work / "warm_segapp", ckpt, {**overrides, "patch_size": [32, 32, 32]}, str(device))
     if not a.skip_monai:
         run_monai(tiny, work / "warm_monai", ckpt, a.classes, a.features, [32, 32, 32], a.spacing_net, device)
 
     for d in ("out_segapp", "out_monai"):
         shutil.rmtree(work / d, ignore_errors=True)
         (work / d).mkdir(parents=True)
-    seg_t, seg_labels = run_segapp(series, work / "out_segapp", ckpt, overrides, str(device))
+    seg_t, seg_labels = run_segapp(bundle, series, work / "out_segapp", ckpt, overrides, str(device))
     cpu = (
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
@@ -383,13 +407,15 @@ def main() -> None:
         ("stitching", seg_t["stitch_s"]),
         ("postprocess + inverse resampling", seg_t["postprocess_s"]),
         ("SEG write", seg_t["seg_write_s"]),
-        ("overlay PNG", seg_t.get("overlay_write_s", 0.0)),
+        ("overlay PNG", seg_t.get("overlay_s", 0.0)),
     ]
     print(f"{'segapp infer':<36}{'s':>8}")
     for k, v in rows:
         print(f"  {k:<34}{v:8.2f}")
     print(f"  {'total (CLI, incl. config + model)':<34}{seg_t['wall_s']:8.2f}")
+    figures: dict = {"device": name, "shape": a.shape, "classes": a.classes, "segapp": seg_t}
     if a.skip_monai:
+        _write_json(a.json, figures)
         return
     mon_t, mon_labels, mon_affine_lps = run_monai(
         series, work / "out_monai", ckpt, a.classes, a.features, a.roi, a.spacing_net, device
@@ -412,6 +438,8 @@ def main() -> None:
     )
     print("Dice segapp vs MONAI per label: " + ", ".join(f"{c}: {d:.4f}" for c, d in dice.items()))
     print(f"labels equal on {100.0 * float((seg_labels == mon_labels).mean()):.3f} % of voxels")
+    figures.update(monai=mon_t, speedup=mon_total / seg_t["wall_s"], dice={str(c): d for c, d in dice.items()})
+    _write_json(a.json, figures)
     print(f"work folder: {work}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)

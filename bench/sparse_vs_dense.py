@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from budget import train_with_budget  # noqa: E402  (bench/budget.py)
 
 from app.bundle.config import bundle_parser  # noqa: E402
+from app.bundle.store import find_bundle  # noqa: E402
 from app.data.manifest import fold_datalist  # noqa: E402
 from app.evaluation.evaluate import evaluate  # noqa: E402
 from app.io.atomic import atomic_write_text  # noqa: E402
@@ -73,9 +74,9 @@ def _overrides(a: argparse.Namespace, bundle: str) -> dict:
 def train_and_evaluate(a: argparse.Namespace, bundle: str) -> dict:
     """Train ``bundle`` under the shared budget, then Dice/HD95 on the fold's dense validation labels."""
     overrides = _overrides(a, bundle)
-    parser = bundle_parser(bundle, ["train.json", *a.config], overrides)
+    parser = bundle_parser(find_bundle(bundle).root, ["train", *a.config], overrides)
     epochs_run, train_s, model = train_with_budget(parser, Path(overrides["output_dir"]), a.minutes)
-    eval_overrides = {"validate#dataset#data": _data_overrides(a)["validate#dataset#data"]}
+    eval_overrides = {"dataset#data": _data_overrides(a)["validate#dataset#data"]}
     metrics = evaluate(
         bundle, a.manifest, str(model), a.fold, a.device, overrides=eval_overrides, extra_configs=a.config
     )
@@ -89,7 +90,7 @@ def train_and_evaluate(a: argparse.Namespace, bundle: str) -> dict:
 
 def labelled_fraction(a: argparse.Namespace) -> dict:
     """Planes and voxels that keep a label in the sparse bundle's training cases (after preprocessing)."""
-    parser = bundle_parser(SPARSE, ["train.json", *a.config], _overrides(a, SPARSE))
+    parser = bundle_parser(find_bundle(SPARSE).root, ["train", *a.config], _overrides(a, SPARSE))
     transforms = [*parser.get_parsed_content("preprocessing"), parser.get_parsed_content("train#sparsify")]
     ignore = int(parser.get_parsed_content("ignore_value"))
     planes = slices = voxels = total = 0

@@ -1,0 +1,57 @@
+"""The benchmarks stay runnable: each script's --help, and bench/device_all.sh (the one device call that
+gives every GPU figure) end to end on the CPU at tiny sizes, so it cannot be broken when a device comes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "budget.py")
+
+
+@pytest.mark.parametrize("script", BENCHES)
+def test_bench_script_help(script):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()
+
+
+@pytest.mark.slow
+def test_device_all_runs_on_cpu_and_writes_every_figure(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "device_all.sh"), "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "device_all.json").read_text())
+    assert doc["requested"] == "cpu" and doc["device"].startswith("CPU")
+    infer = doc["infer_speed"]
+    assert infer["segapp"]["total_s"] > 0 and infer["monai"]["network_s"] > 0
+    assert all(d == pytest.approx(1.0) for d in infer["dice"].values())  # both paths give the same labels
+    assert {r["pipeline"] for r in doc["train_throughput"]["results"]} >= {"c", "d"}
+    assert 0.0 <= doc["hippo_accuracy"]["val_mean_dice"] <= 1.0
+
+
+def test_device_all_refuses_a_bad_option(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "device_all.sh"), "--device", "tpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "--device must be cuda or cpu" in proc.stderr
