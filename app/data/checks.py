@@ -102,8 +102,8 @@ def _load(path: Path, where: str, problems: list[str]) -> _Loaded | None:
 
     try:
         img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
+        data = np.asanyarray(img.dataobj)  # type: ignore[attr-defined]  # a spatial image: NIfTI
+        affine = np.asarray(img.affine, dtype=np.float64)  # type: ignore[attr-defined]
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
         problems.append(f"{path}: {where}: unreadable or corrupt ({type(exc).__name__}: {exc})")
         return None

@@ -45,9 +45,10 @@ class MaskedFocalLoss(_MaskedBase):
     ) -> None:
         super().__init__(include_background, to_onehot_y, reduction=reduction, weight=weight, ignore_value=ignore_value)
         self.gamma = float(gamma)
-        if alpha is None or isinstance(alpha, (int, float)):
-            self.alpha = None if alpha is None else float(alpha)
-        else:
+        self.alpha: float | torch.Tensor | None = None
+        if isinstance(alpha, (int, float)):
+            self.alpha = float(alpha)
+        elif alpha is not None:
             self.alpha = torch.as_tensor(alpha)
         self.use_softmax = use_softmax
 

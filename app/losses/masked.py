@@ -24,6 +24,7 @@ Calling convention (all losses)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 
+@overload
+def _plain(x: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _plain(x: None) -> None: ...
 def _plain(x: torch.Tensor | None) -> torch.Tensor | None:
     """Drop MONAI MetaTensor metadata (keeps autograd); losses need plain tensors only."""
     if x is not None and hasattr(x, "as_tensor"):
@@ -84,6 +89,8 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor, valid: torch.Tensor) -> torc
 
 class _MaskedBase(nn.Module):
     """Shared handling: activation, one-hot of the target, background removal and the mask."""
+
+    class_weight: torch.Tensor | None  # a registered buffer
 
     def __init__(
         self,
@@ -242,7 +249,9 @@ class MaskedDiceLoss(_MaskedBase):
         self.smooth_nr = float(smooth_nr)
         self.smooth_dr = float(smooth_dr)
 
-    def _dice_terms(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, w: torch.Tensor | None = None):
+    def _dice_terms(
+        self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masked (optionally voxel-weighted) intersection and volumes, reduced over ``_axes``."""
         axes = self._axes(p.ndim)
         mw = m if w is None else m * w
@@ -319,6 +328,8 @@ class MaskedCrossEntropyLoss(nn.Module):
         label_smoothing: as in ``torch.nn.CrossEntropyLoss`` (multi-class only).
         ignore_value: label value meaning "unlabelled".
     """
+
+    class_weight: torch.Tensor | None  # a registered buffer
 
     def __init__(
         self,

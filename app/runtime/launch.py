@@ -159,8 +159,9 @@ class BatchRecorder:
         self.record["epochs"][str(engine.state.epoch)].extend(_batch_ids(engine.state.batch))
 
     def _write(self, engine: Engine) -> None:
-        atomic_write_text(self.file, json.dumps(self.record, indent=1))
+        if self.file is not None:
+            atomic_write_text(self.file, json.dumps(self.record, indent=1))
 
     def _completed(self, engine: Engine) -> None:
-        self.record["weights_sha256"] = weights_sha256(engine.network)
+        self.record["weights_sha256"] = weights_sha256(engine.network)  # type: ignore[attr-defined]  # SupervisedTrainer
         self._write(engine)

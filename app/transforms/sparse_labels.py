@@ -89,7 +89,11 @@ def choose_planes(
     """
     label = np.asarray(label)
     rng = _rng(rng)
-    ks = [slices_per_axis] * len(axes) if np.isscalar(slices_per_axis) else list(slices_per_axis)
+    ks = (
+        [int(slices_per_axis)] * len(axes)
+        if isinstance(slices_per_axis, (int, np.integer))
+        else [int(k) for k in slices_per_axis]
+    )
     if len(ks) != len(axes):
         raise ValueError(f"slices_per_axis {slices_per_axis} does not match axes {axes}")
     fg = label > 0
@@ -137,7 +141,7 @@ def sparsify_slices(
     planes = choose_planes(label, slices_per_axis, axes, ignore_value, rng, through_foreground)
     keep = np.zeros(label.shape, bool)
     for ax, idx in planes.items():
-        sl = [slice(None)] * label.ndim
+        sl: list[slice | list[int]] = [slice(None)] * label.ndim
         sl[ax] = idx
         keep[tuple(sl)] = True
     out = np.full(label.shape, ignore_value, dtype=_out_dtype(label, ignore_value))
@@ -224,11 +228,12 @@ class _SparseBase(Randomizable, MapTransform):
                     f"{type(self).__name__}: {key!r} must be channel-first with one channel, got {arr.shape}"
                 )
             out = self._apply(arr[0], self._generator(d, lab, arr))[None]
+            dtype: torch.dtype | np.dtype
             if isinstance(lab, torch.Tensor):  # keep the tensor's dtype when it can hold the output
                 dtype = lab.dtype if out.dtype == arr.dtype else torch.int32
             else:
                 dtype = out.dtype
-            d[key] = convert_to_dst_type(out, lab, dtype=dtype)[0]
+            d[key] = convert_to_dst_type(out, lab, dtype=dtype)[0]  # type: ignore[type-var]
         return d
 
 
@@ -253,12 +258,10 @@ class SparseSlicesd(_SparseBase):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, seed, case_key, allow_missing_keys)
-        self.kwargs = dict(
-            slices_per_axis=slices_per_axis,
-            axes=tuple(axes),
-            ignore_value=ignore_value,
-            through_foreground=through_foreground,
-        )
+        self.slices_per_axis = slices_per_axis
+        self.axes = tuple(axes)
+        self.ignore_value = ignore_value
+        self.through_foreground = through_foreground
 
     def _apply(self, arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return sparsify_slices(arr, rng=rng, **self.kwargs)
+        return sparsify_slices(arr, self.slices_per_axis, self.axes, self.ignore_value, rng, self.through_foreground)
