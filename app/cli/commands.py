@@ -233,6 +233,28 @@ def demo(a) -> int:
     return run_demo(a.out, epochs=a.epochs, device=a.device)
 
 
+def export(a) -> int:
+    from app.bundle.export import export_bundle
+
+    res = export_bundle(
+        a.bundle,
+        a.output,
+        a.format,
+        run=a.run,
+        checkpoint=a.checkpoint,
+        overrides=_overrides(a),
+        configs=a.config or (),
+        trust=a.trust_bundle,
+        spatial=a.shape,
+    )
+    shape = "x".join(str(s) for s in res.input_shape)
+    print(
+        f"{res.path}: {res.format} ({res.method}), {res.path.stat().st_size / 2**20:.1f} MiB; on a random "
+        f"{shape} input it matches the network to {res.max_abs_diff:.2g}"
+    )
+    return 0
+
+
 # -- bundles -----------------------------------------------------------------------------------------
 def bundle_list(a) -> int:
     from app.bundle.store import list_bundles, store_dir

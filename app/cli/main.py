@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("--trust-bundle", action="store_true")
     bv.set_defaults(func=c.bundle_verify)
 
+    x = sub.add_parser("export", help="a bundle's network with weights as TorchScript or ONNX, checked against it")
+    x.add_argument("bundle", nargs="?", help="bundle name or folder (optional with --run)")
+    x.add_argument("--run", help="a segapp training-run folder: its own configs and models/model.pt")
+    x.add_argument("--checkpoint", help="weights (default: the bundle's or run's models/model.pt)")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="onnx needs segapp[onnx]")
+    x.add_argument("--output", "-o", required=True, help="the file to write (.ts / .onnx)")
+    x.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="example input size in voxels "
+                   "(default: the inferer's roi_size, else the metadata's spatial_shape)")  # fmt: skip
+    x.add_argument("--config", action="append", help="extra config merged over the bundle's (repeatable)")
+    x.add_argument("--override", help="JSON of config overrides, e.g. '{\"features\": [8, 16, 32]}'")
+    x.add_argument("--trust-bundle", action="store_true", help="run this bundle's code once without recording trust")
+    x.set_defaults(func=c.export)
+
     d = sub.add_parser("demo", help="train, evaluate and infer end to end on the bundled sample data (CPU ok)")
     d.add_argument("--out", default="segapp_demo")
     d.add_argument("--epochs", type=int, default=None)
