@@ -20,6 +20,7 @@ from app.errors import SegappError
 
 BUG_EXIT = 70  # EX_SOFTWARE
 REPORT = "this is a bug in segapp: please report it with the traceback above"
+TRACKING_HELP = "MLflow tracking server of a runs:/ or models:/ bundle (default: $MLFLOW_TRACKING_URI)"
 
 # Known library warnings that say nothing to a segapp user (filtered by message, not by category).
 NOISE = (
@@ -55,6 +56,7 @@ def _model_options(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--config", action="append", help="extra config merged over the bundle's (repeatable)")
     p.add_argument("--override", help="JSON of config overrides, e.g. '{\"features\": [8, 16, 32]}'")
     p.add_argument("--trust-bundle", action="store_true", help="run this bundle's code once without recording trust")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (checkpoints, models, metrics, MLflow store); a bundle of its own")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--tracking-uri", help="MLflow tracking server (default: a local store in OUT)")
+    t.add_argument(
+        "--register", metavar="NAME", help="register the final model in the MLflow model registry (a new version)"
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine, launched with torchrun")
     t.add_argument("--config", action="append", help="extra config file merged over train.json (repeatable)")
@@ -169,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     bv.set_defaults(func=c.bundle_verify)
 
     x = sub.add_parser("export", help="a bundle's network with weights as TorchScript or ONNX, checked against it")
-    x.add_argument("bundle", nargs="?", help="bundle name or folder (optional with --run)")
+    x.add_argument("bundle", nargs="?", help="bundle name or folder, runs:/ or models:/ URI (optional with --run)")
     x.add_argument("--run", help="a segapp training-run folder: its own configs and models/model.pt")
     x.add_argument("--checkpoint", help="weights (default: the bundle's or run's models/model.pt)")
     x.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="onnx needs segapp[onnx]")
@@ -179,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--config", action="append", help="extra config merged over the bundle's (repeatable)")
     x.add_argument("--override", help="JSON of config overrides, e.g. '{\"features\": [8, 16, 32]}'")
     x.add_argument("--trust-bundle", action="store_true", help="run this bundle's code once without recording trust")
+    x.add_argument("--tracking-uri", help=TRACKING_HELP)
     x.set_defaults(func=c.export)
 
     d = sub.add_parser("demo", help="train, evaluate and infer end to end on the bundled sample data (CPU ok)")
