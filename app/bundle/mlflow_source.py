@@ -116,7 +116,7 @@ def tracking(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)  # None unsets it, and the variable
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, and the variable
 
 
 def registry_uri(tracking_uri: str) -> str:

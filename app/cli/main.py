@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=c.train)
 
     e = sub.add_parser("evaluate", help="the bundle's evaluate config: Dice and HD95 per label on a manifest fold")
-    e.add_argument("bundle", nargs="?", help="bundle name or folder (optional with --run)")
+    e.add_argument("bundle", nargs="?", help="bundle name or folder, runs:/ or models:/ URI (optional with --run)")
     e.add_argument("--manifest", required=True)
     e.add_argument("--fold", type=int, default=0)
     e.add_argument("--json", action="store_true")
@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=c.evaluate)
 
     i = sub.add_parser("infer", help="segment NIfTI files or a DICOM folder; outputs on the source grid")
-    i.add_argument("bundle", nargs="?", help="bundle name (shipped or downloaded) or folder (optional with --run)")
+    i.add_argument(
+        "bundle", nargs="?", help="bundle name or folder, MLflow runs:/ or models:/ URI (optional with --run)"
+    )
     i.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM folder")
     i.add_argument("--output", required=True, help="output folder")
     i.add_argument("--format", default=None, help="comma list of nifti,seg,rtstruct (DICOM input; default nifti,seg)")
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=c.infer)
 
     ib = sub.add_parser("infer-batch", help="segment every series under a folder (or of a manifest) in N processes")
-    ib.add_argument("bundle", nargs="?", help="bundle name or folder (optional with --run)")
+    ib.add_argument("bundle", nargs="?", help="bundle name or folder, runs:/ or models:/ URI (optional with --run)")
     ib.add_argument(
         "--input", required=True, help="folder of DICOM series and/or NIfTI files (recursive), or a manifest JSON"
     )

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ignite.engine import Engine, Events
 
@@ -87,7 +88,7 @@ class MLflowTracker:
         self.artifacts = [a for a in (artifacts or []) if a]
         self.resume = resume
         self.enabled = enabled
-        self.client = None
+        self.client: Any = None  # an MlflowClient from start()
         self.run_id: str | None = None
         self._loss_sum = 0.0
         self._loss_n = 0
@@ -220,7 +221,7 @@ class MLflowTracker:
             if not weights.is_file():
                 continue
             try:
-                info = log_bundle_model(self.tracking_uri, self.run_id, self.output_dir, weights, name)
+                info = log_bundle_model(self.tracking_uri, str(self.run_id), self.output_dir, weights, name)
                 log.info("MLflow: logged model runs:/%s/%s (%s)", self.run_id, name, info.model_uri)
             except Exception as exc:  # MLflow, I/O or the bundle's own code
                 log.warning("MLflow: could not log model %s: %s: %s", name, type(exc).__name__, exc)
