@@ -29,7 +29,7 @@ from runs import tiny_run
 
 from app.cli import main
 
-# what a build needs from the checkout (a copy, so the build leaves nothing in it)
+# what a build needs from the checkout
 SOURCES = ("app", "bundles", "sample_data", "setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md")
 SHIPPED = {"bundles": "app/_shipped/bundles", "sample_data": "app/_shipped/sample_data"}
 SAMPLE = "app/_shipped/bundles/hippocampus_unet3d/sample/hippocampus_003.nii.gz"
@@ -52,10 +52,9 @@ def _shipped_files() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """sdist, then a wheel from the unpacked sdist (``python -m build``), offline: no build isolation."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
+def source(tmp_path_factory) -> Path:
+    """A copy of what a build needs from the checkout (the builds then leave nothing in the checkout)."""
+    src = tmp_path_factory.mktemp("source") / "segapp"
     for name in SOURCES:
         path = REPO / name
         if path.is_dir():
@@ -63,11 +62,43 @@ def wheel(tmp_path_factory) -> Path:
         else:
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, src / name)
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)], tmp, os.environ)
-    (whl,) = (tmp / "dist").glob("segapp-*.whl")
-    (sdist,) = (tmp / "dist").glob("segapp-*.tar.gz")
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory) -> Path:
+    """sdist, then a wheel from the unpacked sdist (``python -m build``), offline: no build isolation."""
+    dist = tmp_path_factory.mktemp("dist")
+    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(source)], dist, os.environ)
+    (whl,) = dist.glob("segapp-*.whl")
+    (sdist,) = dist.glob("segapp-*.tar.gz")
     print(f"wheel {whl.name}: {whl.stat().st_size / 2**20:.2f} MiB; sdist {sdist.stat().st_size / 2**20:.2f} MiB")
     return whl
+
+
+def _venv_with(target: str, folder: Path, *pip_options: str) -> tuple[Path, Path, dict]:
+    """A fresh venv with ``target`` installed (``--no-deps``) and this interpreter's packages on a ``.pth``
+    line; returns (its python, its site-packages, an environment without PYTHONPATH that runs it)."""
+    venv = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    (site / "_segapp_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    pip = [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index"]
+    _run([*pip, *pip_options, target], folder, env)
+    return py, site, env
+
+
+def _where(py: Path, cwd: Path, env: dict) -> dict:
+    code = (
+        "import json, app, app.resources as r; from app.bundle.verify import SCHEMA; "
+        "print(json.dumps({'app': app.__file__, 'bundles': str(r.BUNDLES_DIR), 'manifest': r.sample_manifest(), "
+        "'schema': str(SCHEMA)}))"
+    )
+    return json.loads(_run([str(py), "-c", code], cwd, env).stdout)
 
 
 def test_wheel_carries_bundles_schema_and_sample_data(wheel):
@@ -82,35 +113,16 @@ def test_wheel_carries_bundles_schema_and_sample_data(wheel):
 
 @pytest.mark.slow
 def test_installed_wheel_runs_segapp_outside_the_checkout(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
-    (site / "_segapp_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-         tmp_path, env)  # fmt: skip
+    py, site, env = _venv_with(str(wheel), tmp_path)
     work = tmp_path / "work"  # outside the checkout: nothing resolves relative to it
     work.mkdir()
-    segapp = str(venv / "bin" / "segapp")
+    segapp = str(py.parent / "segapp")
 
-    where = json.loads(
-        _run(
-            [
-                str(py),
-                "-c",
-                "import json, app, app.resources as r; print(json.dumps({'app': app.__file__, "
-                "'bundles': str(r.BUNDLES_DIR), 'manifest': r.sample_manifest()}))",
-            ],
-            work,
-            env,
-        ).stdout  # fmt: skip
-    )
+    where = _where(py, work, env)
     assert Path(where["app"]).is_relative_to(site), where
     assert Path(where["bundles"]) == site / SHIPPED["bundles"]
     assert Path(where["manifest"]).is_file() and Path(where["manifest"]).is_relative_to(site)
+    assert Path(where["schema"]).is_file() and Path(where["schema"]).is_relative_to(site)
 
     rows = json.loads(_run([segapp, "bundle", "list", "--json"], work, env).stdout)
     shipped = {r["name"]: Path(r["path"]) for r in rows if r["source"] == "shipped"}
@@ -135,3 +147,15 @@ def test_installed_wheel_runs_segapp_outside_the_checkout(wheel, tmp_path):
     assert main(["infer", "hippocampus_unet3d", "--run", str(run), "--input", str(image),
                  "--output", str(tmp_path / "checkout"), "--device", "cpu"]) == 0  # fmt: skip
     assert np.array_equal(labels, np.asarray(nib.load(tmp_path / "checkout" / seg.name).dataobj))
+
+
+@pytest.mark.slow
+def test_pip_install_dot_is_complete(source, tmp_path):
+    """``pip install .`` (not editable: pip builds the wheel from the tree itself, not from an sdist)."""
+    py, site, env = _venv_with(str(source), tmp_path, "--no-build-isolation")
+    where = _where(py, tmp_path, env)
+    assert Path(where["app"]).is_relative_to(site) and Path(where["schema"]).is_file()
+    installed = {p.relative_to(site).as_posix() for p in (site / "app" / "_shipped").rglob("*") if p.is_file()}
+    assert installed == _shipped_files()
+    rows = json.loads(_run([str(py.parent / "segapp"), "bundle", "list", "--json"], tmp_path, env).stdout)
+    assert rows and all(Path(r["path"]).is_relative_to(site) for r in rows if r["source"] == "shipped")
