@@ -238,8 +238,12 @@ def _bundle_in(model_dir: Path) -> Path:
 
         flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
         data = flavor.get("data")
-        if data and is_bundle(model_dir / data):
-            return model_dir / data
+        if isinstance(data, str) and data:
+            inside = (model_dir / data).resolve()
+            if not inside.is_relative_to(model_dir.resolve()):  # the MLmodel file comes from the server
+                raise ConfigError(f"the MLmodel file's data path {data!r} leaves the model's folder", str(mlmodel))
+            if is_bundle(inside):
+                return model_dir / data
     if is_bundle(model_dir):
         return model_dir
     raise ConfigError(

@@ -4,6 +4,7 @@ runs ``runs:/`` and ``models:/`` URIs fetched from a real ``mlflow server`` on l
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -157,3 +158,18 @@ def test_tracking_uris_lose_their_credentials():
         "https://ann:secret@h",
     )
     assert "secret" not in str(err) and "cannot reach" in str(err)
+
+
+def test_a_model_whose_data_path_leaves_its_folder_is_refused(tmp_path):
+    (tmp_path / "outside" / "configs").mkdir(parents=True)
+    (tmp_path / "outside" / "configs" / "metadata.json").write_text("{}")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {"data": "../outside"}}}))
+    with pytest.raises(ConfigError, match="leaves the model's folder"):
+        mlflow_source._bundle_in(model)
+    (model / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {"data": "data/bundle"}}}))
+    with pytest.raises(ConfigError, match="not a segapp bundle model"):
+        mlflow_source._bundle_in(model)
+    shutil.copytree(tmp_path / "outside", model / "data" / "bundle")
+    assert mlflow_source._bundle_in(model) == model / "data" / "bundle"
