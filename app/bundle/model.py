@@ -134,6 +134,7 @@ def load_model(
     trust: bool = False,
     segments_file: str | Path | None = None,
     only_known_overrides: bool = False,
+    tracking_uri: str | None = None,
 ) -> LoadedModel:
     """Build a bundle's inference model with its weights (see the module docstring).
 
@@ -147,7 +148,12 @@ def load_model(
         trust: run an untrusted bundle's code this once (``--trust-bundle``).
         segments_file: DICOM segment descriptions overriding the bundle's (``--segments``).
         only_known_overrides: skip overrides of keys the inference config does not have.
+        tracking_uri: MLflow server of a ``runs:/`` or ``models:/`` bundle (``app.bundle.mlflow_source``).
     """
+    if isinstance(bundle, str) and bundle.startswith(("runs:/", "models:/")):  # an MLflow model: a local copy
+        from app.bundle.mlflow_source import fetch_mlflow_bundle
+
+        bundle = fetch_mlflow_bundle(bundle, tracking_uri)
     if run is None and bundle is None:
         raise ConfigError("name a bundle or a training run (--run DIR)")
     ref = run_bundle(run) if run is not None else find_bundle(bundle)  # type: ignore[arg-type]

@@ -30,6 +30,15 @@ def _overrides(a) -> dict | None:
     return value
 
 
+def _mlflow_bundle(a) -> Any:
+    """The bundle argument, or the local folder a ``runs:/`` or ``models:/`` URI was fetched into."""
+    from app.bundle.mlflow_source import fetch_mlflow_bundle, is_mlflow_uri
+
+    if is_mlflow_uri(a.bundle):
+        return str(fetch_mlflow_bundle(a.bundle, a.tracking_uri))
+    return a.bundle
+
+
 # -- data --------------------------------------------------------------------------------------------
 def manifest_create(a) -> int:
     from app.data.manifest import create_manifest
@@ -103,7 +112,21 @@ def train(a) -> int:
         if res.get("mlflow"):
             m = res["mlflow"]
             print(f"mlflow:     run {m['run_name']} ({m['run_id']}) in {m['tracking_uri']}")
+        if a.register:
+            _register(a.register, res.get("mlflow"))
     return 0
+
+
+def _register(name: str, run: dict | None) -> None:
+    from app.bundle.mlflow_source import FINAL_MODEL, redact, register_bundle_model
+
+    if not run:
+        raise ConfigError("no MLflow run was recorded for this training (mlflow_run.json)", "--register")
+    mv = register_bundle_model(run["tracking_uri"], run["run_id"], name, FINAL_MODEL)
+    print(
+        f"registry:   models:/{mv.name}/{mv.version} (from runs:/{mv.run_id}/{FINAL_MODEL}) "
+        f"in {redact(run['tracking_uri'])}"
+    )
 
 
 def _launch(a) -> int:
@@ -129,7 +152,7 @@ def evaluate(a) -> int:
     from app.evaluation.evaluate import evaluate as run_evaluate
 
     metrics = run_evaluate(
-        a.bundle,
+        _mlflow_bundle(a),
         a.manifest,
         a.checkpoint,
         a.fold,
@@ -158,7 +181,7 @@ def infer(a) -> int:
     dicom = is_dicom_input(src)
     formats = parse_formats(a.format, dicom)
     model = load_model(
-        a.bundle,
+        _mlflow_bundle(a),
         a.checkpoint,
         run=a.run,
         overrides=_overrides(a),
@@ -194,7 +217,7 @@ def infer_batch(a) -> int:
     from app.inference.batch import infer_batch as run_batch
 
     res = run_batch(
-        a.bundle,
+        _mlflow_bundle(a),
         a.input,
         a.output,
         a.nproc,
@@ -231,6 +254,28 @@ def demo(a) -> int:
     from app.cli.demo import run_demo
 
     return run_demo(a.out, epochs=a.epochs, device=a.device)
+
+
+def export(a) -> int:
+    from app.bundle.export import export_bundle
+
+    res = export_bundle(
+        _mlflow_bundle(a),
+        a.output,
+        a.format,
+        run=a.run,
+        checkpoint=a.checkpoint,
+        overrides=_overrides(a),
+        configs=a.config or (),
+        trust=a.trust_bundle,
+        spatial=a.shape,
+    )
+    shape = "x".join(str(s) for s in res.input_shape)
+    print(
+        f"{res.path}: {res.format} ({res.method}), {res.path.stat().st_size / 2**20:.1f} MiB; on a random "
+        f"{shape} input it matches the network to {res.max_abs_diff:.2g}"
+    )
+    return 0
 
 
 # -- bundles -----------------------------------------------------------------------------------------

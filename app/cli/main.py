@@ -20,6 +20,7 @@ from app.errors import SegappError
 
 BUG_EXIT = 70  # EX_SOFTWARE
 REPORT = "this is a bug in segapp: please report it with the traceback above"
+TRACKING_HELP = "MLflow tracking server of a runs:/ or models:/ bundle (default: $MLFLOW_TRACKING_URI)"
 
 # Known library warnings that say nothing to a segapp user (filtered by message, not by category).
 NOISE = (
@@ -55,6 +56,7 @@ def _model_options(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     p.add_argument("--config", action="append", help="extra config merged over the bundle's (repeatable)")
     p.add_argument("--override", help="JSON of config overrides, e.g. '{\"features\": [8, 16, 32]}'")
     p.add_argument("--trust-bundle", action="store_true", help="run this bundle's code once without recording trust")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (checkpoints, models, metrics, MLflow store); a bundle of its own")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--tracking-uri", help="MLflow tracking server (default: a local store in OUT)")
+    t.add_argument(
+        "--register", metavar="NAME", help="register the final model in the MLflow model registry (a new version)"
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine, launched with torchrun")
     t.add_argument("--config", action="append", help="extra config file merged over train.json (repeatable)")
@@ -98,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=c.train)
 
     e = sub.add_parser("evaluate", help="the bundle's evaluate config: Dice and HD95 per label on a manifest fold")
-    e.add_argument("bundle", nargs="?", help="bundle name or folder (optional with --run)")
+    e.add_argument("bundle", nargs="?", help="bundle name or folder, runs:/ or models:/ URI (optional with --run)")
     e.add_argument("--manifest", required=True)
     e.add_argument("--fold", type=int, default=0)
     e.add_argument("--json", action="store_true")
@@ -106,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=c.evaluate)
 
     i = sub.add_parser("infer", help="segment NIfTI files or a DICOM folder; outputs on the source grid")
-    i.add_argument("bundle", nargs="?", help="bundle name (shipped or downloaded) or folder (optional with --run)")
+    i.add_argument(
+        "bundle", nargs="?", help="bundle name or folder, MLflow runs:/ or models:/ URI (optional with --run)"
+    )
     i.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM folder")
     i.add_argument("--output", required=True, help="output folder")
     i.add_argument("--format", default=None, help="comma list of nifti,seg,rtstruct (DICOM input; default nifti,seg)")
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=c.infer)
 
     ib = sub.add_parser("infer-batch", help="segment every series under a folder (or of a manifest) in N processes")
-    ib.add_argument("bundle", nargs="?", help="bundle name or folder (optional with --run)")
+    ib.add_argument("bundle", nargs="?", help="bundle name or folder, runs:/ or models:/ URI (optional with --run)")
     ib.add_argument(
         "--input", required=True, help="folder of DICOM series and/or NIfTI files (recursive), or a manifest JSON"
     )
@@ -167,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     bv.add_argument("path")
     bv.add_argument("--trust-bundle", action="store_true")
     bv.set_defaults(func=c.bundle_verify)
+
+    x = sub.add_parser("export", help="a bundle's network with weights as TorchScript or ONNX, checked against it")
+    x.add_argument("bundle", nargs="?", help="bundle name or folder, runs:/ or models:/ URI (optional with --run)")
+    x.add_argument("--run", help="a segapp training-run folder: its own configs and models/model.pt")
+    x.add_argument("--checkpoint", help="weights (default: the bundle's or run's models/model.pt)")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="onnx needs segapp[onnx]")
+    x.add_argument("--output", "-o", required=True, help="the file to write (.ts / .onnx)")
+    x.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="example input size in voxels "
+                   "(default: the inferer's roi_size, else the metadata's spatial_shape)")  # fmt: skip
+    x.add_argument("--config", action="append", help="extra config merged over the bundle's (repeatable)")
+    x.add_argument("--override", help="JSON of config overrides, e.g. '{\"features\": [8, 16, 32]}'")
+    x.add_argument("--trust-bundle", action="store_true", help="run this bundle's code once without recording trust")
+    x.add_argument("--tracking-uri", help=TRACKING_HELP)
+    x.set_defaults(func=c.export)
 
     d = sub.add_parser("demo", help="train, evaluate and infer end to end on the bundled sample data (CPU ok)")
     d.add_argument("--out", default="segapp_demo")

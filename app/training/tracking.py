@@ -1,10 +1,14 @@
 """MLflow tracking for a training run: one run per training, resumed runs continue the same run.
 
 Logged: params (bundle name/version, hyperparameters, manifest hash, fold), per-epoch metrics
-(train loss, validation Dice/HD95), the executed config and the final model as artifacts. Only rank 0
-talks to MLflow. The default store is a local folder inside the run's output folder; a server is
-used with ``tracking_uri=http://...``. No patient data is logged: params come from the config and
-metrics from the engines, never from image headers.
+(train loss, validation Dice/HD95), the executed config, and at the end the weights as artifacts and
+the run folder's bundle as two MLflow models, ``model`` (final weights) and ``best_model`` (best
+validation score), each a ``python_function`` model with an input example and a signature
+(``app.bundle.mlflow_source``): ``runs:/RUN_ID/model`` is a bundle ``segapp infer`` can fetch, and
+``segapp train --register NAME`` registers it. Only rank 0 talks to MLflow. The default store is a
+local folder inside the run's output folder; a server is used with ``tracking_uri=http://...``. No
+patient data is logged: params come from the config and metrics from the engines, never from image
+headers.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ignite.engine import Engine, Events
 
@@ -83,7 +88,7 @@ class MLflowTracker:
         self.artifacts = [a for a in (artifacts or []) if a]
         self.resume = resume
         self.enabled = enabled
-        self.client = None
+        self.client: Any = None  # an MlflowClient from start()
         self.run_id: str | None = None
         self._loss_sum = 0.0
         self._loss_n = 0
@@ -196,7 +201,30 @@ class MLflowTracker:
                 self.client.log_artifact(
                     self.run_id, str(p), artifact_path=str(Path(rel).parent) if "/" in rel else None
                 )
+        self.log_models()
         self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def log_models(self) -> None:
+        """The run folder's bundle as MLflow models ``model`` and ``best_model`` (skipped without its configs).
+
+        A failure is a warning: the weights are saved and logged already, and the run still finishes.
+        """
+        from app.bundle.mlflow_source import BEST_MODEL, FINAL_MODEL, log_bundle_model
+
+        if not (self.output_dir / "configs" / "metadata.json").is_file():
+            log.warning(
+                "MLflow: %s is not a bundle (no configs/metadata.json): no MLflow model logged", self.output_dir
+            )
+            return
+        for name, rel in ((FINAL_MODEL, "models/model.pt"), (BEST_MODEL, "models/best.pt")):
+            weights = self.output_dir / rel
+            if not weights.is_file():
+                continue
+            try:
+                info = log_bundle_model(self.tracking_uri, str(self.run_id), self.output_dir, weights, name)
+                log.info("MLflow: logged model runs:/%s/%s (%s)", self.run_id, name, info.model_uri)
+            except Exception as exc:  # MLflow, I/O or the bundle's own code
+                log.warning("MLflow: could not log model %s: %s: %s", name, type(exc).__name__, exc)
 
     def failed(self, engine: Engine, exc: BaseException) -> None:
         if self.client is not None and self.run_id is not None:
