@@ -17,7 +17,7 @@ fi
 # Chromium, OHIF's prebuilt viewer and puppeteer-core into a cache (a no-op when present); the viewer test
 # skips only when Chromium cannot be installed or started here.
 bash tests/helpers/ohif/setup.sh || echo "run_all.sh: viewer setup failed (exit $?): the OHIF test will skip" >&2
-python -c "import pytest, pytest_timeout, hypothesis" 2>/dev/null || python -m pip install -q -e ".[test]"
+python -c "import pytest, pytest_timeout, hypothesis, build, onnx, onnxruntime, onnxscript" 2>/dev/null || python -m pip install -q -e ".[test]"
 export SEGAPP_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 python -m pytest -q -p no:cacheprovider -m "not slow" "$@"
 python -m pytest -q -p no:cacheprovider -m slow "$@"
