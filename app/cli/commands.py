@@ -248,6 +248,28 @@ def infer_batch(a) -> int:
     return 1 if c["failed"] else 0
 
 
+def serve(a) -> int:
+    import logging
+    import signal
+
+    from app.node.config import load_config
+    from app.node.server import Node
+
+    cfg = load_config(a.config)
+    node = Node(cfg, log_level=logging.DEBUG if a.verbose else logging.INFO)
+    node.start()
+    http = f"; status http://{cfg.http_host}:{node.http.port}/status" if node.http else ""
+    port = node.scp.port if node.scp else cfg.port
+    print(f"segapp node {cfg.ae_title} on {cfg.host}:{port}{http}; SIGTERM or Ctrl-C stops it", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.request_stop())
+    try:
+        node.wait()
+    finally:
+        node.stop()
+    return 0
+
+
 def seg2nifti(a) -> int:
     from app.io.dicom_seg import seg_to_nifti
 

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(ib)
     ib.set_defaults(func=c.infer_batch)
 
+    sv = sub.add_parser(
+        "serve", help="a DICOM node: receive studies (C-STORE, STOW-RS), route to bundles, segment, send back"
+    )
+    sv.add_argument("--config", required=True, help="node config, TOML or YAML (see docs/node.md)")
+    sv.set_defaults(func=c.serve)
+
     s = sub.add_parser("seg2nifti", help="read a DICOM SEG onto its source series' grid, write NIfTI")
     s.add_argument("seg")
     s.add_argument("--reference", required=True, help="folder with the source DICOM series")
