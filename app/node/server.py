@@ -57,6 +57,7 @@ class _Worker:
     threads: int
     owner: str = ""
     process: Any = None
+    ready: Any = None  # a multiprocessing Event the worker sets once its first model is loaded
 
 
 class Node:
@@ -129,9 +130,21 @@ class Node:
 
     def _spawn(self, w: _Worker) -> None:
         w.owner = f"{self.instance}-w{w.index}-{secrets.token_hex(2)}"
+        w.ready = self._mp.Event()
+        args = (
+            self.cfg,
+            w.index,
+            w.owner,
+            w.device,
+            w.threads,
+            self._worker_stop,
+            self.log_level,
+            os.getpid(),
+            w.ready,
+        )
         w.process = self._mp.Process(
             target=worker_main,
-            args=(self.cfg, w.index, w.owner, w.device, w.threads, self._worker_stop, self.log_level, os.getpid()),
+            args=args,
             name=f"segapp-worker-{w.index}",
             daemon=False,
         )
@@ -237,6 +250,7 @@ class Node:
                         "device": w.device,
                         "pid": w.process.pid if w.process else None,
                         "alive": bool(w.process and w.process.is_alive()),
+                        "ready": bool(w.ready is not None and w.ready.is_set()),
                     }
                     for w in self._workers
                 ],

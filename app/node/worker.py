@@ -162,7 +162,15 @@ def _die_with(parent_pid: int) -> None:
 
 
 def worker_main(
-    cfg: NodeConfig, index: int, owner: str, device: str, threads: int, stop, level: int, parent_pid: int
+    cfg: NodeConfig,
+    index: int,
+    owner: str,
+    device: str,
+    threads: int,
+    stop,
+    level: int,
+    parent_pid: int,
+    ready=None,
 ) -> None:
     """The worker process' loop (a ``multiprocessing`` target): until ``stop`` is set."""
     _die_with(parent_pid)
@@ -174,11 +182,18 @@ def worker_main(
     queue = JobQueue(cfg.state / "queue.db")
     runner = Runner(cfg, device)
     first = next(iter(cfg.bundles))
-    try:  # load the first bundle now: the first series should not wait for it
+    try:  # load the first bundle and the writers now: the first series should not wait for them
         runner.segmenter(first)
+        import highdicom  # noqa: F401  (seconds of imports on a busy CPU, once)
+
+        import app.io.dicom_seg  # noqa: F401
+        import app.io.dicom_sr  # noqa: F401
+        import app.reporting.report  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - report it; each of its jobs will fail with the message
         log.error("bundle %s cannot be loaded: %s (its jobs will fail with this message)", first, one_line(exc))
     log.info("worker %d (pid %d) ready on %s, %d thread(s)", index, os.getpid(), device, threads)
+    if ready is not None:
+        ready.set()
     while not stop.is_set():
         job = queue.claim(owner, cfg.lease_s)
         if job is None:

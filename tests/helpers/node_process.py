@@ -33,7 +33,8 @@ def write_node_config(
     http_port: int,
     allowed: list[str],
     destinations: list[str],
-    checkpoint: Path,
+    checkpoint: Path | None = None,
+    run: Path | None = None,
     ae_title: str = "SEGAPP",
     workers: int = 1,
     idle_timeout_s: float = 1.5,
@@ -41,8 +42,16 @@ def write_node_config(
     formats: tuple[str, ...] = ("seg", "sr"),
     stow: bool = False,
 ) -> Path:
-    """A TOML node config running hippocampus_unet3d's pipeline with :class:`ThresholdNet` weights."""
+    """A TOML node config running hippocampus_unet3d's pipeline with :class:`ThresholdNet` weights
+    (``checkpoint``), or a training-run folder (``run``, e.g. ``runs.tiny_run``)."""
     q = json.dumps  # TOML basic strings and arrays read like JSON here
+    if run is not None:
+        model = f"run = {q(str(run))}"
+    else:
+        assert checkpoint is not None, "a checkpoint of ThresholdNet or a run folder"
+        model = f"""bundle = "hippocampus_unet3d"
+checkpoint = {q(str(checkpoint))}
+overrides = {{ network_def = {{ _target_ = "nets_for_tests.ThresholdNet" }}, patch_size = [32, 32, 32] }}"""
     text = f"""
 [node]
 ae_title = {q(ae_title)}
@@ -66,10 +75,8 @@ port = {http_port}
 stow = {str(stow).lower()}
 
 [bundles.hippo]
-bundle = "hippocampus_unet3d"
-checkpoint = {q(str(checkpoint))}
+{model}
 formats = {q(list(formats))}
-overrides = {{ network_def = {{ _target_ = "nets_for_tests.ThresholdNet" }}, patch_size = [32, 32, 32] }}
 """
     path.write_text(text)
     return path
@@ -100,7 +107,7 @@ class NodeProcess:
                 raise RuntimeError(f"segapp serve exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
             try:
                 status = self.status()
-                if all(w["alive"] for w in status["node"]["workers"]):
+                if all(w["alive"] and w["ready"] for w in status["node"]["workers"]):
                     return self
             except OSError:
                 pass

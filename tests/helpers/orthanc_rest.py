@@ -42,6 +42,19 @@ def store_async(orthanc: OrthancHandle, modality: str, resource_id: str) -> str:
     ]
 
 
+def store_all(orthanc: OrthancHandle, modality: str, resource_ids, at_once: int = 4) -> list[dict]:
+    """C-STORE each study (or series) to ``modality``, ``at_once`` Orthanc store calls at a time (each one
+    synchronous: it returns when Orthanc's C-STOREs are done, and raises when they failed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(resource_id: str) -> dict:
+        body = {"Resources": [resource_id], "Synchronous": True}
+        return call(orthanc, "POST", f"/modalities/{modality}/store", body, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(one, resource_ids))
+
+
 def wait_jobs(orthanc: OrthancHandle, job_ids, timeout_s: float = 300) -> dict[str, str]:
     """Wait until every job has ended; return ``{job: state}`` (Success / Failure)."""
     deadline = time.monotonic() + timeout_s

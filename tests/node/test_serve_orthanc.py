@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from dicom_phantoms import PATIENT_ID, PATIENT_NAME, write_phantom_series
 from node_process import NodeProcess, pid_alive, threshold_checkpoint, write_node_config
-from orthanc_rest import call, derived_by_study, put_modality, store_async, upload, wait_jobs
+from orthanc_rest import call, derived_by_study, put_modality, store_all, upload
 from orthanc_server import free_port, orthanc  # noqa: F401  (session fixture)
 
 from app.inference.pipeline import series_key
@@ -63,8 +63,9 @@ def test_serve_twenty_studies_survives_sigkill(orthanc, tmp_path):  # noqa: F811
         workers=2,
     )
     node = NodeProcess(config, http_port, node_dir / "serve.log").start()
-    jobs = [store_async(orthanc, "segapp-node", study_id) for study_id in studies.values()]
-    assert set(wait_jobs(orthanc, jobs).values()) == {"Success"}
+    pushed = store_all(orthanc, "segapp-node", list(studies.values()), at_once=4)  # several at once
+    assert sum(int(p["InstancesCount"]) for p in pushed) == sum(len(i.files) for i in good) + len(corrupt.files) - 1
+    assert all(int(p["FailedInstancesCount"]) == 0 for p in pushed)
 
     # kill the node while it is working through the queue
     status = node.wait_for(lambda s: s["counts"]["done"] >= 3, period_s=0.1)
