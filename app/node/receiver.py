@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from app.inference.pipeline import series_key
 from app.node.queue import JobQueue
@@ -94,11 +93,12 @@ class Spool:
         """Keep one DICOM Part 10 file given as bytes (a STOW-RS part)."""
         try:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except (InvalidDicomError, Exception) as exc:  # noqa: BLE001 - any damage means "cannot understand"
+        except Exception as exc:  # noqa: BLE001 - InvalidDicomError or any damage: "cannot understand"
             return Stored(STATUS_CANNOT_UNDERSTAND, reason=f"not a DICOM file ({type(exc).__name__})")
-        return self._keep(ds, data, calling)
+        return self.keep(ds, data, calling)
 
-    def _keep(self, ds: Any, encoded: bytes, calling: str) -> Stored:
+    def keep(self, ds: Any, encoded: bytes, calling: str) -> Stored:
+        """Keep one decoded (or lazily decoded) data set given with its Part 10 bytes."""
         uids = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
         sop_class = str(ds.get("SOPClassUID", "") or "")
         if not all(uids):
@@ -169,9 +169,13 @@ class StoreSCP:
         try:
             ds = event.dataset  # decoded lazily: only the UIDs are read here
             series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        except Exception as exc:  # noqa: BLE001 - a data set pydicom cannot decode
+            log.warning("C-STORE of an undecodable data set refused: %s", type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+        try:
             with self._open_lock:
                 self._open.setdefault(id(event.assoc), set()).add(series_uid)
-            result = self.spool._keep(ds, event.encoded_dataset(include_meta=True), str(event.assoc.requestor.ae_title))
+            result = self.spool.keep(ds, event.encoded_dataset(include_meta=True), str(event.assoc.requestor.ae_title))
         except Exception as exc:  # noqa: BLE001 - answer the sender instead of dropping the association
             log.error("C-STORE failed: %s: %s", type(exc).__name__, str(exc)[:200])
             return STATUS_OUT_OF_RESOURCES

@@ -52,8 +52,8 @@ def _job_view(row: dict[str, Any]) -> dict[str, Any]:
         "started_at": _iso(started),
         "finished_at": _iso(finished),
     }
-    if row["state"] == "pending" and row.get("not_before"):
-        view["retry_at"] = _iso(row["not_before"]) if row["attempts"] else None
+    if row["state"] == "pending" and row["attempts"]:
+        view["retry_at"] = _iso(row["not_before"])
     if started and last:
         view["wait_s"] = round(started - last, 3)
     if row["state"] == "done" and finished and started:
