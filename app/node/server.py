@@ -57,7 +57,7 @@ class _Worker:
     threads: int
     owner: str = ""
     process: Any = None
-    ready: Any = None  # a multiprocessing Event the worker sets once its first model is loaded
+    ready: Any = None  # a shared byte the worker sets to 1 once its first model is loaded
 
 
 class Node:
@@ -70,7 +70,9 @@ class Node:
         self.started_at = 0.0
         self._stop = threading.Event()
         self._mp = mp.get_context("spawn")  # no forked torch/OpenMP state in the workers
-        self._worker_stop = self._mp.Event()
+        # flags in shared memory without locks: a worker killed while holding an Event's lock would
+        # block the node's set() forever
+        self._worker_stop = self._mp.RawValue("b", 0)
         self._workers: list[_Worker] = []
         self._threads: list[threading.Thread] = []
         self._lock_file: Any = None
@@ -130,7 +132,7 @@ class Node:
 
     def _spawn(self, w: _Worker) -> None:
         w.owner = f"{self.instance}-w{w.index}-{secrets.token_hex(2)}"
-        w.ready = self._mp.Event()
+        w.ready = self._mp.RawValue("b", 0)
         args = (
             self.cfg,
             w.index,
@@ -163,7 +165,7 @@ class Node:
         self._stop.set()
         if self.scp is not None:
             self.scp.stop()
-        self._worker_stop.set()
+        self._worker_stop.value = 1
         deadline = time.monotonic() + timeout_s
         for w in self._workers:
             w.process.join(max(0.1, deadline - time.monotonic()))
@@ -228,7 +230,7 @@ class Node:
         assert self.queue is not None
         while not self._stop.wait(1.0):
             for w in self._workers:
-                if not w.process.is_alive() and not self._worker_stop.is_set():
+                if not w.process.is_alive() and not self._worker_stop.value:
                     log.warning("worker %d exited (code %s): starting another", w.index, w.process.exitcode)
                     self.queue.release(w.owner)
                     self._spawn(w)
@@ -250,7 +252,7 @@ class Node:
                         "device": w.device,
                         "pid": w.process.pid if w.process else None,
                         "alive": bool(w.process and w.process.is_alive()),
-                        "ready": bool(w.ready is not None and w.ready.is_set()),
+                        "ready": bool(w.ready is not None and w.ready.value),
                     }
                     for w in self._workers
                 ],

@@ -172,7 +172,7 @@ def worker_main(
     parent_pid: int,
     ready=None,
 ) -> None:
-    """The worker process' loop (a ``multiprocessing`` target): until ``stop`` is set."""
+    """The worker process' loop (a ``multiprocessing`` target): until ``stop.value`` (a shared byte) is set."""
     _die_with(parent_pid)
     setup_worker_logging(level)
     os.environ.setdefault("SEGAPP_NO_PROGRESS", "1")
@@ -193,11 +193,11 @@ def worker_main(
         log.error("bundle %s cannot be loaded: %s (its jobs will fail with this message)", first, one_line(exc))
     log.info("worker %d (pid %d) ready on %s, %d thread(s)", index, os.getpid(), device, threads)
     if ready is not None:
-        ready.set()
-    while not stop.is_set():
+        ready.value = 1
+    while not stop.value:
         job = queue.claim(owner, cfg.lease_s)
         if job is None:
-            stop.wait(POLL_S)
+            time.sleep(POLL_S)
             continue
         t0 = time.perf_counter()
         log.info("%s: running %s (attempt %d of %d)", job.key, job.bundle, job.attempts, job.max_attempts)

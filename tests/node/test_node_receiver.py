@@ -188,3 +188,46 @@ def test_one_node_per_state_folder(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ConfigError, match="another segapp node is using this state folder"):
             Node(cfg).start()
+
+
+def test_a_resumed_job_sends_its_recorded_outputs_without_computing(receiver, tmp_path):
+    import dataclasses
+
+    from app.io.dicom_seg import SegmentSpec, write_seg
+    from app.io.dicom_series import read_series
+    from app.node.queue import Job
+    from app.node.worker import Runner
+
+    cfg, queue, spool, scp, http = receiver
+    mr = write_phantom_series(tmp_path / "mr", modality="MR", shape=(8, 8, 6))
+    seg = write_seg(read_series(mr.folder), mr.mask_ijk, [SegmentSpec(v, f"l{v}") for v in (1, 2, 3)], ("a", "1"),
+                    tmp_path / "out" / "s_seg.dcm")  # fmt: skip
+    cfg = dataclasses.replace(cfg, destinations=(f"dimse://SEGNODE@127.0.0.1:{scp.port}",))
+    job = Job(7, mr.series_uid, "series_x", "study_x", "hippo", str(mr.folder), 2, 2, {"seg": str(seg)})
+    runner = Runner(cfg, "cpu")
+    (sent,) = runner.run(job, queue, "w")
+    assert sent["files"] == 1 and runner._segmenter is None  # no model was built: nothing computed
+    seg_uid = pydicom.dcmread(seg).SOPInstanceUID
+    (arrived,) = spool.folder_of(mr.study_uid, pydicom.dcmread(seg).SeriesInstanceUID).iterdir()
+    assert pydicom.dcmread(arrived).SOPInstanceUID == seg_uid  # the same object, the same UIDs
+
+
+def test_worker_devices(receiver, monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from app.node.server import worker_devices
+
+    cfg = receiver[0]
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert worker_devices(dataclasses.replace(cfg, workers=4, device="cpu")) == [("cpu", 4)] * 4
+    # no GPU on the test machines: CUDA's answers are stand-ins here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    devices = worker_devices(dataclasses.replace(cfg, workers=3, device="auto"))
+    assert [d for d, _ in devices] == ["cuda:0", "cuda:1", "cuda:0"]  # round robin, one model per worker
+    assert worker_devices(dataclasses.replace(cfg, workers=2, device="cuda:1")) == [("cuda:1", 8)] * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        worker_devices(dataclasses.replace(cfg, device="cuda"))

@@ -5,7 +5,10 @@ reported as failed without blocking the others, and the node's logs hold no pati
 
 from __future__ import annotations
 
+import csv
 import io
+import os
+import signal
 import time
 
 import pydicom
@@ -61,6 +64,7 @@ def test_serve_twenty_studies_survives_sigkill(orthanc, tmp_path):  # noqa: F811
         destinations=[orthanc.dimse_destination],
         checkpoint=threshold_checkpoint(node_dir / "threshold.pt"),
         workers=2,
+        formats=("seg", "stats", "sr"),
     )
     node = NodeProcess(config, http_port, node_dir / "serve.log").start()
     pushed = store_all(orthanc, "segapp-node", list(studies.values()), at_once=4)  # several at once
@@ -80,6 +84,10 @@ def test_serve_twenty_studies_survives_sigkill(orthanc, tmp_path):  # noqa: F811
 
     node = NodeProcess(config, http_port, node_dir / "serve.log").start()
     try:
+        # a worker that dies (here: killed) is replaced, and its job runs again
+        victim = node.status()["node"]["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        node.wait_for(lambda s: s["node"]["workers"][0]["pid"] != victim and s["node"]["workers"][0]["ready"], 120)
         final = node.wait_for(lambda s: s["counts"]["done"] + s["counts"]["failed"] >= N_STUDIES + 1, timeout_s=240)
     finally:
         assert node.stop() == 0
@@ -106,8 +114,12 @@ def test_serve_twenty_studies_survives_sigkill(orthanc, tmp_path):  # noqa: F811
         assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == set(info.sop_instance_uids)
     assert corrupt.study_uid not in segs
 
+    with open(node_dir / "state" / "results" / "statistics.csv", newline="") as fh:  # the node's table
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["key"] for r in rows) == sorted(done_keys)
+    assert all(float(r["anterior.volume_ml"]) >= 0 for r in rows)
     logs = (node_dir / "serve.log").read_text()
-    assert "queued for hippo" in logs
+    assert "queued for hippo" in logs and "exited (code -9): starting another" in logs
     assert PATIENT_NAME not in logs and PATIENT_ID not in logs and "Doe" not in logs
     spool = node_dir / "spool"
     leftover = [p for p in spool.rglob("*.dcm")]

@@ -1,5 +1,6 @@
 """Several machines: two nodes, each with its own AE title, port and state folder (its own queue), declared in
-Orthanc as two modalities; Orthanc's routing sends each study to one of them; every study gets its SEG once."""
+Orthanc as two modalities; Orthanc's routing sends each study to one of them; every study gets its SEG once
+(one node sends back by C-STORE, the other by STOW-RS)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def test_two_nodes_behind_the_pacs_routing(orthanc, tmp_path):  # noqa: F811
     studies = [write_phantom_series(tmp_path / "src" / f"s{n}", modality="MR", shape=(16, 16, 9)) for n in range(4)]
     ckpt = threshold_checkpoint(tmp_path / "threshold.pt")
     nodes = []
-    for name in ("node-a", "node-b"):
+    for name, destination in (("node-a", orthanc.dimse_destination), ("node-b", orthanc.dicomweb_destination)):
         port, http_port = free_port(), free_port()
         folder = tmp_path / name
         folder.mkdir()
@@ -27,7 +28,7 @@ def test_two_nodes_behind_the_pacs_routing(orthanc, tmp_path):  # noqa: F811
             port=port,
             http_port=http_port,
             allowed=[orthanc.aet],
-            destinations=[orthanc.dimse_destination],
+            destinations=[destination],  # C-STORE back from one, STOW-RS from the other
             checkpoint=ckpt,
             formats=("seg",),
         )
