@@ -27,6 +27,7 @@ LAYERS = {
     "training": 4,
     "evaluation": 4,
     "inference": 4,
+    "node": 5,
     "cli": 6,
 }
 

@@ -171,15 +171,43 @@ def evaluate(a) -> int:
 
 
 # -- inference ---------------------------------------------------------------------------------------
+def _split_report_formats(text: str | None) -> tuple[str | None, list[str]]:
+    """``--format``: the report formats (stats, sr) apart from what ``parse_formats`` knows."""
+    from app.reporting.report import REPORT_FORMATS
+
+    if not text:
+        return text, []
+    given = [f.strip().lower() for f in text.split(",") if f.strip()]
+    reports = [f for f in given if f in REPORT_FORMATS]
+    rest = [f for f in given if f not in REPORT_FORMATS]
+    if "sr" in reports and "seg" not in rest:
+        raise ConfigError("the SR references the SEG's segments: add seg (--format seg,sr)", "--format")
+    return (",".join(rest) or None), reports
+
+
 def infer(a) -> int:
+    from app.io.pull import is_remote, pulled
+
+    if not is_remote(a.input):
+        return _infer(a, Path(a.input))
+    with pulled(a.input) as got:  # a temporary folder, deleted afterwards
+        print(f"pulled:  {got.instances} instance(s) of {len(got.series_uids)} series from {got.source}")
+        if a.series_uid is None and len(got.series_uids) == 1:
+            a.series_uid = got.series_uids[0]
+        return _infer(a, got.folder)
+
+
+def _infer(a, src: Path) -> int:
     from app.bundle.model import load_model
     from app.inference.pipeline import Segmenter, find_nifti_inputs, is_dicom_input, parse_formats
 
-    src = Path(a.input)
     if not src.exists():
         raise InputError("input not found", str(src))
     dicom = is_dicom_input(src)
-    formats = parse_formats(a.format, dicom)
+    format_text, reports = _split_report_formats(a.format)
+    if reports and not dicom:
+        raise ConfigError("stats and sr are reports of a DICOM series", "--format")
+    formats = (parse_formats(format_text, dicom) if format_text or not reports else []) + reports
     model = load_model(
         _mlflow_bundle(a),
         a.checkpoint,
@@ -241,6 +269,28 @@ def infer_batch(a) -> int:
         f"table: {a.output}/results.csv"
     )
     return 1 if c["failed"] else 0
+
+
+def serve(a) -> int:
+    import logging
+    import signal
+
+    from app.node.config import load_config
+    from app.node.server import Node
+
+    cfg = load_config(a.config)
+    node = Node(cfg, log_level=logging.DEBUG if a.verbose else logging.INFO)
+    node.start()
+    http = f"; status http://{cfg.http_host}:{node.http.port}/status" if node.http else ""
+    port = node.scp.port if node.scp else cfg.port
+    print(f"segapp node {cfg.ae_title} on {cfg.host}:{port}{http}; SIGTERM or Ctrl-C stops it", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: node.request_stop())
+    try:
+        node.wait()
+    finally:
+        node.stop()
+    return 0
 
 
 def seg2nifti(a) -> int:

@@ -42,6 +42,8 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("monai.data", "mlflow", "alembic", "urllib3", "pynetdicom", "highdicom", "pydicom", "ignite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # no GPU decoder: expected
+    if not verbose:  # pynetdicom logs each refused connection as errors; segapp's own error says it in one line
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     if not verbose:
         for message in NOISE:
             warnings.filterwarnings("ignore", message=message)
@@ -114,9 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "bundle", nargs="?", help="bundle name or folder, MLflow runs:/ or models:/ URI (optional with --run)"
     )
-    i.add_argument("--input", required=True, help="NIfTI file, folder of NIfTI files, or DICOM folder")
+    i.add_argument(
+        "--input",
+        required=True,
+        help="NIfTI file, folder of NIfTI files, DICOM folder, or a study/series on a PACS: "
+        "dicomweb://HOST:PORT/PATH/studies/UID[/series/UID] or "
+        "dimse://AET@HOST:PORT?StudyInstanceUID=UID[&SeriesInstanceUID=UID] (pulled into a temporary folder)",
+    )
     i.add_argument("--output", required=True, help="output folder")
-    i.add_argument("--format", default=None, help="comma list of nifti,seg,rtstruct (DICOM input; default nifti,seg)")
+    i.add_argument(
+        "--format",
+        default=None,
+        help="comma list of nifti,seg,rtstruct and the reports stats (statistics.json + CSV row), sr (DICOM SR "
+        "of the SEG's volumes) (DICOM input; default nifti,seg)",
+    )
     i.add_argument("--series-uid", help="DICOM series to use when the folder holds several")
     i.add_argument("--segments", help="JSON list of DICOM segment descriptions overriding the bundle's")
     i.add_argument("--send", action="append", help="dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT (repeatable)")
@@ -143,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--retry-failed", action="store_true", help="run again series that failed last time")
     _model_options(ib)
     ib.set_defaults(func=c.infer_batch)
+
+    sv = sub.add_parser(
+        "serve", help="a DICOM node: receive studies (C-STORE, STOW-RS), route to bundles, segment, send back"
+    )
+    sv.add_argument("--config", required=True, help="node config, TOML or YAML (see docs/node.md)")
+    sv.set_defaults(func=c.serve)
 
     s = sub.add_parser("seg2nifti", help="read a DICOM SEG onto its source series' grid, write NIfTI")
     s.add_argument("seg")

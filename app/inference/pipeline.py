@@ -178,6 +178,27 @@ class Segmenter:
 
             res = send(dicom_files, dest)
             sent.append({"destination": dest, "files": len(dicom_files), "attempts": res.attempts})
+        # -- reports (formats "stats", "sr"): statistics.json + CSV row, and the SR, sent where the SEG went --
+        if {"stats", "sr"} & set(formats):
+            from app.io.pacs import send as send_report
+            from app.reporting.report import write_series_reports
+
+            t = time.perf_counter()
+            reports = write_series_reports(
+                volume,
+                pred.labels,
+                self.model.segments,
+                out,
+                stem,
+                formats,
+                seg_path=outputs.get("seg"),
+                algorithm=algorithm,
+            )
+            outputs.update(reports)
+            for dest in send_to if "sr" in reports else ():
+                res = send_report([reports["sr"]], dest)
+                sent.append({"destination": dest, "files": 1, "attempts": res.attempts})
+            times["reports_s"] = time.perf_counter() - t
         result = SeriesResult(
             key=stem,
             kind="dicom",
