@@ -1,9 +1,12 @@
 """Find DICOM image series in a folder and pick one.
 
-``scan_folder`` reads headers only (no pixel data), skips files that are not DICOM, groups the rest
-by SeriesInstanceUID and, within one UID, splits stacks that cannot form one volume (different image
-plane, Rows x Columns, SeriesNumber, or separate multi-frame objects). ``select_series`` picks one
-image series by UID or by rules and says why.
+``scan`` reads headers only (no pixel data; each file's header is parsed once and kept, with where
+its pixel data lies), skips files that are not DICOM, groups the rest by SeriesInstanceUID and,
+within one UID, splits stacks that cannot form one volume (different image plane, Rows x Columns,
+SeriesNumber, or separate multi-frame objects), then splits a stack whose slices repeat positions
+into the echoes (EchoNumbers) and volumes (TemporalPositionIdentifier, diffusion b-value and
+direction, AcquisitionNumber, TriggerTime) that tell them apart. ``select_series`` (in
+``app.io.dicom_select``, re-exported here) picks one stack by key, study or rules and says why.
 
 Series identity:
 
@@ -12,16 +15,18 @@ Series identity:
   ``UID#1``, ``UID#2``... (largest first) when the UID had to be split, and ``noUID#1``... for files
   without a SeriesInstanceUID (grouped by StudyInstanceUID, SeriesNumber, Modality,
   FrameOfReferenceUID and SeriesDescription instead).
+* One volume or echo of a 4D / multi-echo stack with key ``K`` is ``K#vol1``, ``K#vol2``... (in
+  the order of the attribute that tells them apart), ``K#echo1``, ``K#echo2``... (EchoNumbers), or
+  ``K#echo1#vol1``... for both; ``SeriesInfo.group_key`` is then ``K``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,133 +34,69 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from app.errors import ConfigError, DicomError
+from app.errors import DicomError
+from app.io.dicom_info import (
+    IOP_TOLERANCE,
+    PixelLocation,
+    ScanResult,
+    SeriesInfo,
+    damaged_element,
+    functional_group_item,
+    header_int,
+    header_orientation,
+    header_position,
+    is_enhanced_multiframe,
+    is_mosaic,
+    locate_pixel_data,
+    n_frames,
+    orientation_label,
+)
+from app.io.dicom_select import check_rules, describe_series, list_series, select_series
+from app.io.mosaic import mosaic_n_images
 
 logger = logging.getLogger(__name__)
-
-# Direction cosines closer than this (absolute, per component; ~0.06 degrees) are the same plane.
-# Scanners write IOP with different rounding on different slices (e.g. -0.059771 vs -0.0597709).
-IOP_TOLERANCE = 1e-3
-# A plane within this angle of a patient axis gets that axis' name, otherwise "oblique".
-_ORIENTATION_LABEL_DEG = 1.0
 
 _MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Modalities whose objects are not images to segment (they may reference images).
 NON_IMAGE_MODALITIES = frozenset(
     {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "SR", "PR", "KO", "REG", "DOC", "FID", "PLAN"}
 )
-_RULE_KEYS = {"modality", "min_slices", "max_slices", "description_regex", "orientation"}
+# Positions closer than this (mm) along the normal are the same slice position (as the reader).
+_SAME_POSITION_MM = 0.01
+
+_Member = tuple[str, Dataset]
 
 
-@dataclass
-class SeriesInfo:
-    """One stack of images that can form a volume (headers only).
-
-    Attributes:
-        key: unique name to select it with (see module docstring).
-        uid: SeriesInstanceUID ('' when blank).
-        modality, description: Modality and SeriesDescription.
-        series_number: SeriesNumber (``None`` when absent).
-        n_slices: number of images (frames for an enhanced multi-frame object).
-        files: file paths (one per single-frame image; one for a multi-frame object).
-        headers: the datasets read with ``stop_before_pixels=True``, in ``files`` order.
-        orientation: "axial", "sagittal", "coronal", "oblique" or "unknown" (no IOP).
-        image_orientation: the six direction cosines of the plane (``None`` when absent).
-        rows, columns: Rows and Columns.
-        is_image: False for SEG, RTSTRUCT, SR, PR and other objects without an image to segment.
-        multiframe: True for a multi-frame object (one file, ``n_slices`` frames).
-        study_uid, frame_of_reference_uid: StudyInstanceUID and FrameOfReferenceUID.
-        split_note: when the UID was split into several stacks, a line describing all of them.
-    """
-
-    key: str
-    uid: str
-    modality: str
-    description: str
-    series_number: int | None
-    n_slices: int
-    files: list[str]
-    headers: list[Dataset] = field(repr=False, default_factory=list)
-    orientation: str = "unknown"
-    image_orientation: tuple[float, ...] | None = None
-    rows: int = 0
-    columns: int = 0
-    is_image: bool = True
-    multiframe: bool = False
-    study_uid: str = ""
-    frame_of_reference_uid: str = ""
-    split_note: str = ""
-
-    def summary(self) -> str:
-        """One line for listings: key, modality, description, slice count, size, orientation."""
-        kind = "" if self.is_image else " (not an image series)"
-        return (
-            f"{self.key or '(no UID)'} | {self.modality or '?'} | '{self.description}' | "
-            f"{self.n_slices} {'frame(s)' if self.multiframe else 'slice(s)'} | {self.columns}x{self.rows} | "
-            f"{self.orientation}{kind}"
-        )
-
-
-@dataclass
-class ScanResult:
-    """What ``scan`` found: the series, and the files it skipped with the reason for each."""
-
-    root: str
-    series: list[SeriesInfo]
-    skipped: list[tuple[str, str]]
-    n_files: int
-
-
-def functional_group_item(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
-    """The item of functional group ``sequence`` (e.g. "PlanePositionSequence") that applies to
-    frame ``frame_index`` (0-based) of an enhanced multi-frame object: per-frame wins over shared."""
-    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame_index), ("SharedFunctionalGroupsSequence", 0)):
-        seq = ds.get(groups)
-        if seq is not None and len(seq) > idx:
-            inner = seq[idx].get(sequence)
-            if inner is not None and len(inner) > 0:
-                return inner[0]
-    return None
-
-
-def is_enhanced_multiframe(ds: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-
-
-def header_orientation(ds: Dataset) -> np.ndarray | None:
-    """ImageOrientationPatient (6 floats) of a single-frame image or of frame 1 of a multi-frame one."""
-    value = ds.get("ImageOrientationPatient")
-    if value is None and is_enhanced_multiframe(ds):
-        item = functional_group_item(ds, 0, "PlaneOrientationSequence")
-        value = item.get("ImageOrientationPatient") if item is not None else None
-    if value is None or len(value) != 6:
+def _diffusion(ds: Dataset) -> str | None:
+    b = ds.get("DiffusionBValue")
+    if b in (None, ""):
         return None
+    direction = ds.get("DiffusionGradientOrientation")
     try:
-        return np.asarray([float(v) for v in value], dtype=np.float64)
+        dirs = tuple(round(float(v), 4) for v in direction) if direction is not None else ()
+        return f"{float(b):.6g}|{dirs}"
     except (TypeError, ValueError):
         return None
 
 
-def orientation_label(iop: np.ndarray | None) -> str:
-    """'axial', 'sagittal', 'coronal' (slice normal within 1 degree of a patient axis) or 'oblique'."""
-    if iop is None:
-        return "unknown"
-    normal = np.cross(iop[:3], iop[3:])
-    norm = np.linalg.norm(normal)
-    if norm < 1e-6:
-        return "unknown"
-    normal = np.abs(normal / norm)
-    axis = int(np.argmax(normal))
-    if np.degrees(np.arccos(min(1.0, normal[axis]))) > _ORIENTATION_LABEL_DEG:
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
+def _plain(name: str):
+    def get(ds: Dataset) -> str | None:
+        try:
+            value = ds.get(name)
+        except Exception:  # noqa: BLE001 - a damaged value cannot tell volumes apart
+            return None
+        return None if value in (None, "") else str(value).strip()
+
+    return get
 
 
-def _n_frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
+# Attributes that tell the volumes of a 4D stack apart, tried in this order.
+VOLUME_ATTRIBUTES = (
+    ("TemporalPositionIdentifier", _plain("TemporalPositionIdentifier")),
+    ("DiffusionBValue/DiffusionGradientOrientation", _diffusion),
+    ("AcquisitionNumber", _plain("AcquisitionNumber")),
+    ("TriggerTime", _plain("TriggerTime")),
+)
 
 
 def _is_image(ds: Dataset) -> bool:
@@ -170,49 +111,95 @@ def _iter_files(root: Path):
             yield Path(dirpath) / name
 
 
-def _read_header(path: Path) -> tuple[Dataset | None, str]:
-    """(header, '') or (None, why it was skipped)."""
+def read_header(path: Path) -> tuple[Dataset | None, PixelLocation | None, str]:
+    """Read one file's header (no pixel data) and find its pixel data.
+
+    Returns:
+        ``(header, location, '')`` for a usable file; ``(header, None, why)`` for a file whose header
+        was read but is damaged (a value the reader needs, or the pixel data element); ``(None, None,
+        why)`` for a file that is skipped (not DICOM, DICOMDIR, unreadable).
+    """
     try:
         # pydicom only warns when a file ends inside an element: catch that as truncation.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+            with open(path, "rb") as fp:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=False)
+                try:
+                    loc = locate_pixel_data(fp, ds)
+                except ValueError as exc:
+                    return ds, None, f"unreadable DICOM header ({exc})"
+            meta = getattr(ds, "file_meta", None)
+            for _elem in meta or ():  # iterating converts (and so checks) every file meta element
+                pass
+            directory = meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY_SOP_CLASS
     except InvalidDicomError:
-        return None, "not a DICOM file (no DICM prefix)"
+        return None, None, "not a DICOM file (no DICM prefix)"
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
-        return None, f"unreadable DICOM header ({type(exc).__name__}: {exc})"
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY_SOP_CLASS:
-        return None, "DICOMDIR (media directory), not an image"
+        return None, None, f"unreadable DICOM header ({type(exc).__name__}: {exc})".replace("\n", " ")
+    if directory:
+        return None, None, "DICOMDIR (media directory), not an image"
     if "DirectoryRecordSequence" in ds:
-        return None, "DICOMDIR (media directory), not an image"
+        return None, None, "DICOMDIR (media directory), not an image"
     eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower() or "EOF" in str(w.message)]
     if eof:
-        return None, "unreadable DICOM header (file truncated: ends inside an element)"
+        return None, None, "unreadable DICOM header (file truncated: ends inside an element)"
     if "Modality" not in ds and "Rows" not in ds and "SOPClassUID" not in ds:
-        return None, f"unreadable DICOM header (truncated or damaged: only {len(ds)} data elements)"
-    return ds, ""
+        return None, None, f"unreadable DICOM header (truncated or damaged: only {len(ds)} data elements)"
+    if bad := damaged_element(ds):
+        return ds, None, f"unreadable DICOM header ({bad})"
+    return ds, loc, ""
 
 
 def scan(path: str | os.PathLike) -> ScanResult:
     """Read the headers of every file under ``path`` (a folder, searched recursively, or one file)
-    and group them into series. Raises ``DicomError`` when the path does not exist or has no files."""
+    and group them into series. Raises ``DicomError`` when the path does not exist or has no files.
+
+    The result can be passed on (``read_series(path, scan=result)``, ``read_series_info``) so that
+    no file is parsed twice."""
     root = Path(path)
     if not root.exists():
-        raise DicomError("does not exist", path=root)
+        raise DicomError("does not exist", path=str(root))
     files = [root] if root.is_file() else list(_iter_files(root))
     if not files:
-        raise DicomError("folder contains no files", path=root)
+        raise DicomError("folder contains no files", path=str(root))
+    return scan_files(files, root)
+
+
+def scan_files(files: list[str | os.PathLike] | list[Path], root: str | os.PathLike | None = None) -> ScanResult:
+    """``scan`` of a list of files (e.g. what a DICOM listener received, or one batch item's files);
+    ``root`` names them in messages (default: their common folder)."""
+    files = [Path(f) for f in files]
+    if root is None:
+        root = os.path.commonpath([str(f.parent) for f in files]) if files else "."
+    root = Path(root)
+    if not files:
+        raise DicomError("no files given", path=str(root))
     skipped: list[tuple[str, str]] = []
-    headers: list[tuple[str, Dataset]] = []
+    headers: list[_Member] = []
+    locations: dict[str, PixelLocation] = {}
+    damaged: dict[str, list[str]] = defaultdict(list)
     for f in files:
-        ds, why = _read_header(f)
+        ds, loc, why = read_header(f)
+        if ds is not None and why:  # read, but damaged: reading its series is refused
+            if uid := _text(ds, "SeriesInstanceUID"):
+                damaged[uid].append(str(f))
+            ds = None
         if ds is None:
             skipped.append((str(f), why))
             (logger.warning if why.startswith("unreadable") else logger.debug)("skipping %s: %s", f, why)
             continue
         headers.append((str(f), ds))
-    return ScanResult(root=str(root), series=_group(headers), skipped=skipped, n_files=len(files))
+        if loc is not None:
+            locations[str(f)] = loc
+    try:
+        series = _group(headers, locations)
+    except Exception as exc:
+        logger.debug("grouping failed", exc_info=True)
+        raise DicomError(
+            f"cannot group the DICOM files into series ({type(exc).__name__}: {exc})", path=str(root)
+        ) from exc
+    return ScanResult(root=str(root), series=series, skipped=skipped, n_files=len(files), damaged=dict(damaged))
 
 
 def scan_folder(folder: str | os.PathLike) -> list[SeriesInfo]:
@@ -221,23 +208,30 @@ def scan_folder(folder: str | os.PathLike) -> list[SeriesInfo]:
     return scan(folder).series
 
 
+def _text(ds: Dataset, name: str) -> str:
+    try:
+        return str(ds.get(name, "") or "").strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
 def _base_key(ds: Dataset) -> tuple:
-    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    uid = _text(ds, "SeriesInstanceUID")
     if uid:
         return (uid,)
     # Blank UID (anonymised data): group by what else identifies a series.
     return (
         "",
-        str(ds.get("StudyInstanceUID", "") or ""),
-        str(ds.get("SeriesNumber", "") or ""),
-        str(ds.get("Modality", "") or ""),
-        str(ds.get("FrameOfReferenceUID", "") or ""),
-        str(ds.get("SeriesDescription", "") or ""),
+        _text(ds, "StudyInstanceUID"),
+        _text(ds, "SeriesNumber"),
+        _text(ds, "Modality"),
+        _text(ds, "FrameOfReferenceUID"),
+        _text(ds, "SeriesDescription"),
     )
 
 
-def _group(headers: list[tuple[str, Dataset]]) -> list[SeriesInfo]:
-    by_base: dict[tuple, list[tuple[str, Dataset]]] = defaultdict(list)
+def _group(headers: list[_Member], locations: dict[str, PixelLocation]) -> list[SeriesInfo]:
+    by_base: dict[tuple, list[_Member]] = defaultdict(list)
     for f, ds in headers:
         by_base[_base_key(ds)].append((f, ds))
 
@@ -249,7 +243,7 @@ def _group(headers: list[tuple[str, Dataset]]) -> list[SeriesInfo]:
         uid = base[0]
         if not uid:
             no_uid_count += 1
-        infos = []
+        infos: list[SeriesInfo] = []
         for n, (stack, _) in enumerate(stacks, start=1):
             if uid:
                 key = uid if len(stacks) == 1 else f"{uid}#{n}"
@@ -263,24 +257,29 @@ def _group(headers: list[tuple[str, Dataset]]) -> list[SeriesInfo]:
             )
             for info in infos:
                 info.split_note = note
-        out.extend(infos)
+        for info in infos:
+            out.extend(_split_volumes(info))
     out.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else -1, s.key))
+    for s in out:
+        s.pixel_locations = {f: locations[f] for f in s.files if f in locations}
     return out
 
 
-def _split_stacks(members: list[tuple[str, Dataset]]) -> list[tuple[list[tuple[str, Dataset]], int]]:
+def _split_stacks(members: list[_Member]) -> list[tuple[list[_Member], int]]:
     """Split one series' files into stacks: each multi-frame object alone; single frames by
     (SeriesNumber, Rows, Columns) and then by image plane within ``IOP_TOLERANCE``."""
-    stacks: list[tuple[list[tuple[str, Dataset]], int]] = []
-    singles: dict[tuple, list[tuple[str, Dataset]]] = defaultdict(list)
+    stacks: list[tuple[list[_Member], int]] = []
+    singles: dict[tuple, list[_Member]] = defaultdict(list)
     for f, ds in members:
-        if _n_frames(ds) > 1 or is_enhanced_multiframe(ds):
-            stacks.append(([(f, ds)], _n_frames(ds)))
+        if n_frames(ds) > 1 or is_enhanced_multiframe(ds):
+            stacks.append(([(f, ds)], n_frames(ds)))
         else:
-            singles[(str(ds.get("SeriesNumber", "")), ds.get("Rows"), ds.get("Columns"))].append((f, ds))
+            singles[
+                (_text(ds, "SeriesNumber"), header_int(ds, "Rows"), header_int(ds, "Columns"), is_mosaic(ds))
+            ].append((f, ds))
     for group in singles.values():
-        planes: list[tuple[np.ndarray, list]] = []
-        no_iop: list[tuple[str, Dataset]] = []
+        planes: list[tuple[np.ndarray, list[_Member]]] = []
+        no_iop: list[_Member] = []
         for f, ds in group:
             iop = header_orientation(ds)
             if iop is None:
@@ -296,159 +295,190 @@ def _split_stacks(members: list[tuple[str, Dataset]]) -> list[tuple[list[tuple[s
         if planes:
             max(planes, key=lambda p: len(p[1]))[1].extend(no_iop)
         elif no_iop:
-            planes.append((None, no_iop))
-        stacks.extend((lst, len(lst)) for _, lst in planes)
+            planes.append((np.zeros(6), no_iop))
+        stacks.extend((lst, _n_images(lst)) for _, lst in planes)
     return stacks
 
 
-def _make_info(key: str, uid: str, stack: list[tuple[str, Dataset]]) -> SeriesInfo:
+def _n_images(stack: list[_Member]) -> int:
+    """2D images in a stack of single-frame files: one per file, a mosaic's tiles each."""
+    return sum((mosaic_n_images(ds) or 1) if is_mosaic(ds) else 1 for _, ds in stack)
+
+
+def _patient_token(ds: Dataset) -> str:
+    pid, name = _text(ds, "PatientID"), _text(ds, "PatientName")
+    if not pid and not name:
+        return ""
+    return hashlib.sha256(f"{pid}\0{name}".encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def _make_info(key: str, uid: str, stack: list[_Member]) -> SeriesInfo:
     first = stack[0][1]
     iop = next((v for v in (header_orientation(ds) for _, ds in stack) if v is not None), None)
-    multiframe = len(stack) == 1 and (_n_frames(first) > 1 or is_enhanced_multiframe(first))
-    try:
-        series_number = int(first.get("SeriesNumber")) if first.get("SeriesNumber") not in (None, "") else None
-    except (TypeError, ValueError):
-        series_number = None
+    if iop is None and is_enhanced_multiframe(first):
+        iop = header_orientation(first)
+    multiframe = len(stack) == 1 and (n_frames(first) > 1 or is_enhanced_multiframe(first))
+    mosaic = not multiframe and any(is_mosaic(ds) for _, ds in stack)
+    rows, columns = header_int(first, "Rows", 0) or 0, header_int(first, "Columns", 0) or 0
+    n_tiles = mosaic_n_images(first) if mosaic else None
+    if n_tiles:
+        grid = int(np.ceil(np.sqrt(n_tiles)))
+        if rows % grid == 0 and columns % grid == 0:
+            rows, columns = rows // grid, columns // grid
     return SeriesInfo(
         key=key,
         uid=uid,
-        modality=str(first.get("Modality", "") or ""),
-        description=str(first.get("SeriesDescription", "") or ""),
-        series_number=series_number,
-        n_slices=_n_frames(first) if multiframe else len(stack),
+        modality=_text(first, "Modality"),
+        description=_text(first, "SeriesDescription"),
+        series_number=header_int(first, "SeriesNumber"),
+        n_slices=n_frames(first) if multiframe else _n_images(stack),
         files=[f for f, _ in stack],
         headers=[ds for _, ds in stack],
         orientation=orientation_label(iop),
         image_orientation=tuple(float(v) for v in iop) if iop is not None else None,
-        rows=int(first.get("Rows", 0) or 0),
-        columns=int(first.get("Columns", 0) or 0),
+        rows=rows,
+        columns=columns,
         is_image=all(_is_image(ds) for _, ds in stack),
         multiframe=multiframe,
-        study_uid=str(first.get("StudyInstanceUID", "") or ""),
-        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""),
+        mosaic=mosaic,
+        study_uid=_text(first, "StudyInstanceUID"),
+        frame_of_reference_uid=_text(first, "FrameOfReferenceUID"),
+        patient_token=_patient_token(first),
     )
 
 
-def describe_series(series: list[SeriesInfo]) -> str:
-    """Multi-line listing of series for error messages (no patient data)."""
-    if not series:
-        return "  (none)"
-    return "\n".join(f"  {s.summary()}" for s in series)
+def _positions(stack: list[_Member], iop: tuple[float, ...] | None) -> list[int | None]:
+    """A position label per file (equal = same slice position along the normal); ``None`` without IPP."""
+    if iop is None:
+        return [None] * len(stack)
+    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        return [None] * len(stack)
+    normal = normal / norm
+    values = []
+    for _, ds in stack:
+        ipp = header_position(ds)
+        values.append(None if ipp is None else float(np.dot(ipp, normal)))
+    # Cluster sorted positions: consecutive ones closer than the tolerance are the same position.
+    order = sorted((v, i) for i, v in enumerate(values) if v is not None)
+    labels: list[int | None] = [None] * len(stack)
+    label, previous = -1, None
+    for v, i in order:
+        if previous is None or v - previous >= _SAME_POSITION_MM:
+            label += 1
+        labels[i] = label
+        previous = v
+    return labels
 
 
-def check_rules(rules: dict | None) -> dict:
-    """Validate selection rules; raises ``ConfigError`` on unknown keys or bad values."""
-    rules = dict(rules or {})
-    unknown = set(rules) - _RULE_KEYS
-    if unknown:
-        raise ConfigError(f"unknown series selection rule(s) {sorted(unknown)}; allowed: {sorted(_RULE_KEYS)}")
-    for name in ("modality", "orientation"):
-        if name in rules and isinstance(rules[name], str):
-            rules[name] = [rules[name]]
-    if "description_regex" in rules:
+def _repeats(labels: list[int | None]) -> bool:
+    seen = [x for x in labels if x is not None]
+    return len(seen) != len(set(seen))
+
+
+def _split_by(stack: list[_Member], labels: list[int | None], values: list[str | None]) -> list[list[int]] | None:
+    """Indices grouped by ``values`` when these tell every repeated position apart, else ``None``."""
+    if any(v is None for v in values) or len(set(values)) < 2:
+        return None
+    seen: set[tuple] = set()
+    for label, v in zip(labels, values):
+        if label is None:
+            continue
+        if (label, v) in seen:
+            return None  # two images at one position share the value: it does not tell them apart
+        seen.add((label, v))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        groups[v].append(i)  # type: ignore[index]
+    # As many volumes as images at the most repeated position: an attribute that is different for
+    # every image (some scanners number each slice's acquisition) describes no volumes.
+    counts: dict[int, int] = defaultdict(int)
+    for label in labels:
+        if label is not None:
+            counts[label] += 1
+    if len(groups) != max(counts.values(), default=0):
+        return None
+
+    def order(v: str):
         try:
-            re.compile(rules["description_regex"])
-        except re.error as exc:
-            raise ConfigError(f"bad description_regex {rules['description_regex']!r}: {exc}") from exc
-    return rules
+            return (0, float(v.split("|")[0]), v)
+        except ValueError:
+            return (1, 0.0, v)
+
+    return [groups[v] for v in sorted(groups, key=order)]
 
 
-def _rules_text(rules: dict) -> str:
-    parts = []
-    if "modality" in rules:
-        parts.append("modality " + "/".join(rules["modality"]))
-    if "orientation" in rules:
-        parts.append("orientation " + "/".join(rules["orientation"]))
-    if "min_slices" in rules:
-        parts.append(f"with >= {rules['min_slices']} slices")
-    if "max_slices" in rules:
-        parts.append(f"with <= {rules['max_slices']} slices")
-    if "description_regex" in rules:
-        parts.append(f"description matching /{rules['description_regex']}/")
-    return " ".join(parts)
+def _sub_info(info: SeriesInfo, idx: list[int], key: str, **fields) -> SeriesInfo:
+    stack = [(info.files[i], info.headers[i]) for i in idx]
+    sub = _make_info(key, info.uid, stack)
+    sub.split_note = info.split_note
+    for name, value in fields.items():
+        setattr(sub, name, value)
+    return sub
 
 
-def _matches(s: SeriesInfo, rules: dict) -> bool:
-    if "modality" in rules and s.modality.upper() not in {m.upper() for m in rules["modality"]}:
-        return False
-    if "orientation" in rules and s.orientation not in set(rules["orientation"]):
-        return False
-    if "min_slices" in rules and s.n_slices < int(rules["min_slices"]):
-        return False
-    if "max_slices" in rules and s.n_slices > int(rules["max_slices"]):
-        return False
-    if "description_regex" in rules and not re.search(rules["description_regex"], s.description, re.IGNORECASE):
-        return False
-    return True
-
-
-def select_series(
-    series: list[SeriesInfo], series_uid: str | None = None, rules: dict | None = None
-) -> tuple[SeriesInfo, str]:
-    """Pick one image series and say why.
-
-    Args:
-        series: from ``scan_folder``.
-        series_uid: a ``SeriesInfo.key`` or SeriesInstanceUID (``--series-uid``); overrides ``rules``.
-            A UID that was split into several stacks selects its largest stack (the reason says so);
-            ``UID#n`` selects another.
-        rules: ``{"modality": [...], "min_slices": n, "max_slices": n, "description_regex": str,
-            "orientation": [...]}`` (all optional) from the bundle metadata.
-
-    Returns:
-        (the series, a human-readable reason).
-
-    Raises:
-        DicomError: nothing matches, the UID is unknown or not an image series; lists what is there.
-        ConfigError: malformed rules.
-    """
-    rules = check_rules(rules)
-    images = [s for s in series if s.is_image]
-    if series_uid:
-        chosen = [s for s in series if s.key == series_uid]
-        if not chosen:
-            chosen = [s for s in series if s.uid == series_uid]
-        if not chosen:
-            raise DicomError(f"no series with UID {series_uid}; available series:\n{describe_series(series)}")
-        pick = chosen[0]  # stacks are ordered largest first
-        if not pick.is_image:
-            raise DicomError(
-                f"series {series_uid} is a {pick.modality} object, not an image series; "
-                f"available series:\n{describe_series(series)}"
+def _split_volumes(info: SeriesInfo) -> list[SeriesInfo]:
+    """A stack whose single-frame images repeat positions, split into echoes and/or volumes."""
+    if info.multiframe or len(info.files) < 2:
+        return [info]
+    stack = list(zip(info.files, info.headers))
+    labels = _positions(stack, info.image_orientation)
+    if not _repeats(labels):
+        return [info]
+    echoes = [header_int(ds, "EchoNumbers") for _, ds in stack]
+    echo_groups: list[tuple[int | None, list[int]]] | None = None
+    if all(e is not None for e in echoes) and len(set(echoes)) > 1:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, number in enumerate(echoes):
+            groups[number or 0].append(i)
+        echo_groups = [(number, groups[number]) for number in sorted(groups)]
+    out: list[SeriesInfo] = []
+    for echo, idx in echo_groups or [(None, list(range(len(stack))))]:
+        sub_labels = [labels[i] for i in idx]
+        prefix = info.key + (f"#echo{echo}" if echo is not None else "")
+        volumes = None
+        attribute = ""
+        if _repeats(sub_labels):
+            for attribute, getter in VOLUME_ATTRIBUTES:  # noqa: B007  (the attribute that split is kept)
+                volumes = _split_by([stack[i] for i in idx], sub_labels, [getter(stack[i][1]) for i in idx])
+                if volumes is not None:
+                    break
+        if volumes is None:
+            if echo is None:
+                return [info]  # nothing tells the repeats apart: reading reports the duplicates
+            out.append(_sub_info(info, idx, prefix, group_key=info.key, echo=echo))
+            continue
+        for v, vidx in enumerate(volumes, start=1):
+            out.append(
+                _sub_info(
+                    info,
+                    [idx[i] for i in vidx],
+                    f"{prefix}#vol{v}",
+                    group_key=info.key,
+                    echo=echo,
+                    volume=v,
+                    volume_attribute=attribute,
+                )
             )
-        reason = f"chosen by --series-uid {series_uid}"
-        if len(chosen) > 1:
-            if chosen[1].n_slices == pick.n_slices:
-                raise DicomError(f"{pick.split_note}; pass one of their keys to --series-uid")
-            reason += (
-                f" ({pick.split_note}; used the largest, {pick.key}, {pick.n_slices} slices; "
-                f"pass another key to use it)"
-            )
-        if rules and not _matches(pick, rules):
-            logger.warning(
-                "series %s does not match the bundle's rules (%s); using it as asked", pick.key, _rules_text(rules)
-            )
-        return pick, reason
+    return out
 
-    matching = [s for s in images if _matches(s, rules)]
-    wanted = _rules_text(rules)
-    what = f"series matching {wanted}" if wanted else "image series"
-    if not matching:
-        raise DicomError(
-            f"no image series matches {wanted or 'the request'}; available series:\n{describe_series(series)}"
-        )
-    if len(matching) == 1:
-        pick = matching[0]
-        reason = f"only {what} ({pick.key}, {pick.n_slices} slices)"
-    else:
-        matching.sort(key=lambda s: -s.n_slices)
-        pick = matching[0]
-        tie = matching[1].n_slices == pick.n_slices
-        others = ", ".join(f"{s.key} ({s.n_slices})" for s in matching[1:])
-        reason = (
-            f"largest of {len(matching)} {what}: {pick.key} with {pick.n_slices} slices"
-            f"{' (tie; first in study/series-number order)' if tie else ''}; others: {others}"
-        )
-    if pick.split_note:
-        reason += f"; note: {pick.split_note}"
-    return pick, reason
+
+__all__ = [
+    "IOP_TOLERANCE",
+    "NON_IMAGE_MODALITIES",
+    "ScanResult",
+    "SeriesInfo",
+    "check_rules",
+    "describe_series",
+    "functional_group_item",
+    "header_orientation",
+    "is_enhanced_multiframe",
+    "list_series",
+    "orientation_label",
+    "read_header",
+    "scan",
+    "scan_files",
+    "scan_folder",
+    "select_series",
+]

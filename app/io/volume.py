@@ -26,6 +26,10 @@ class SeriesVolume:
         series_instance_uid: the series' UID ('' when the files carry none).
         selection_reason: human-readable note on why this series was chosen.
         source_files: the file path of each slice, in ``k`` order.
+        tile_numbers: for a Siemens mosaic, the 1-based tile (in the mosaic image of
+            ``datasets[k]``) each slice was cut from; empty for other series. A mosaic's slices are
+            not frames of their file: objects that reference source images (SEG, RTSTRUCT) must
+            reference the mosaic image itself.
     """
 
     array: np.ndarray
@@ -35,6 +39,7 @@ class SeriesVolume:
     series_instance_uid: str = ""
     selection_reason: str = ""
     source_files: list[str] = field(default_factory=list)
+    tile_numbers: list[int] = field(default_factory=list)
 
     @property
     def affine_ras(self) -> np.ndarray:

@@ -508,3 +508,146 @@ def edit_file(path: str | Path, **attributes) -> None:
         else:
             setattr(ds, name, value)
     ds.save_as(path)
+
+
+# --------------------------------------------------------------------------- Siemens mosaics
+
+
+def csa_header(tags: dict[str, Sequence[str]]) -> bytes:
+    """A Siemens CSA header in the SV10 layout (as syngo writes it) holding ``tags`` (name -> item strings)."""
+    import struct
+
+    out = bytearray(b"SV10\x04\x03\x02\x01" + struct.pack("<II", len(tags), 77))
+    for name, items in tags.items():
+        out += struct.pack("<64si4s3i", name.encode(), len(items), b"DS\0\0", 3, len(items), 77)
+        for item in items:
+            data = item.encode() + b"\0"
+            out += struct.pack("<4i", len(data), len(data), 77, len(data)) + data + b"\0" * (-len(data) % 4)
+    return bytes(out)
+
+
+def write_mosaic(
+    folder: str | Path,
+    *,
+    shape: tuple[int, int, int] = (10, 12, 7),
+    spacing: tuple[float, float, float] = (2.5, 2.0, 3.6),
+    orientation: str | Sequence[float] = "oblique",
+    origin_lps: Sequence[float] = (-60.5, 40.25, -20.75),
+    direction: int = 1,
+    csa: bool = True,
+    siemens_tag: bool = True,
+    csa_count: int | None = None,
+    n_volumes: int = 1,
+    spacing_attribute: str = "SpacingBetweenSlices",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+) -> PhantomInfo:
+    """Write the phantom as Siemens mosaic MR images: ``n_volumes`` files (AcquisitionNumber 1..),
+    each holding all ``K`` slices as tiles of one ``grid x grid`` image, ``grid = ceil(sqrt(K))``.
+
+    The geometry is written the way the scanner defines it, independently of any reader's formula:
+    tile ``t`` (row-major in the mosaic) is the slice at ``origin + t * spacing * direction * n``
+    (``n = row_cos x col_cos``; ``direction`` is the sign of the CSA SliceNormalVector), and
+    ImagePositionPatient is the corner of a ``grid*rows x grid*cols`` image with the same pixel
+    spacing whose centre is the centre of tile 0.
+
+    Args:
+        shape: ``(I, J, K)`` of one slice stack: I = tile columns, J = tile rows, K = slices.
+        spacing: column spacing, row spacing, slice spacing (mm).
+        direction: +1 (tiles along ``row_cos x col_cos``) or -1 (against it).
+        csa: write the CSA image header (NumberOfImagesInMosaic, SliceNormalVector).
+        siemens_tag: write (0019,100A) NumberOfImagesInMosaic.
+        csa_count: the CSA's NumberOfImagesInMosaic when it should differ from K.
+        n_volumes: files (time points); volume ``v`` (1-based) stores the phantom + 50 * (v - 1).
+        spacing_attribute: "SpacingBetweenSlices" (also writes SliceThickness 0.8 x spacing) or
+            "SliceThickness" (only that).
+
+    Returns:
+        PhantomInfo of volume 1 on the reader's grid (``k`` along ``row_cos x col_cos``): voxels,
+        affine; ``files`` = the volume files in AcquisitionNumber order.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ni, nj, nk = shape
+    grid = int(np.ceil(np.sqrt(nk)))
+    stored, mask = phantom_arrays(shape)  # [i, j, t]: tile t holds slice t in stored order
+    row, col = orientation_cosines(orientation)
+    normal = np.cross(row, col)
+    dc, dr, dz = spacing
+    origin = np.asarray(origin_lps, dtype=np.float64)
+    centre0 = origin + row * dc * (ni - 1) / 2 + col * dr * (nj - 1) / 2
+    ipp = centre0 - row * dc * (grid * ni - 1) / 2 - col * dr * (grid * nj - 1) / 2
+    # Truth on the reader's grid: k increases along +normal.
+    order = list(range(nk)) if direction > 0 else list(range(nk))[::-1]
+    first_slice = origin + order[0] * dz * direction * normal
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2], affine[:3, 3] = row * dc, col * dr, normal * dz, first_slice
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    for_uid = generate_uid()
+    files, sops = [], []
+    for v in range(n_volumes):
+        path = folder / f"mosaic{v + 1:04d}.dcm"
+        sop = generate_uid()
+        ds = _base_dataset(
+            path,
+            MRImageStorage,
+            sop,
+            ExplicitVRLittleEndian,
+            "MR",
+            study_uid,
+            series_uid,
+            for_uid,
+            PATIENT_NAME,
+            PATIENT_ID,
+            "ep2d_bold mosaic",
+            7,
+        )
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+        ds.Manufacturer = "SIEMENS"
+        ds.InstanceNumber = v + 1
+        ds.AcquisitionNumber = v + 1
+        ds.ImagePositionPatient = [_ds_str(x) for x in ipp]
+        ds.ImageOrientationPatient = [_ds_str(x) for x in (*row, *col)]
+        ds.PixelSpacing = [_ds_str(dr), _ds_str(dc)]
+        if spacing_attribute == "SpacingBetweenSlices":
+            ds.SpacingBetweenSlices = _ds_str(dz)
+            ds.SliceThickness = _ds_str(0.8 * dz)
+        else:
+            ds.SliceThickness = _ds_str(dz)
+        ds.Rows, ds.Columns = grid * nj, grid * ni
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.EchoTime, ds.RepetitionTime, ds.EchoNumbers = "30", "2000", 1
+        if siemens_tag:
+            ds.private_block(0x0019, "SIEMENS MR HEADER", create=True).add_new(0x0A, "US", nk)
+        if csa:
+            tags = {
+                "NumberOfImagesInMosaic": [str(csa_count if csa_count is not None else nk)],
+                "SliceNormalVector": [f"{x:.8f}" for x in normal * direction],
+                "ImaCoilString": ["HEA;HEP"],
+            }
+            ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(0x10, "OB", csa_header(tags))
+        tiled = np.zeros((grid * nj, grid * ni), dtype=np.uint16)
+        for t in range(nk):
+            r0, c0 = (t // grid) * nj, (t % grid) * ni
+            tiled[r0 : r0 + nj, c0 : c0 + ni] = (stored[:, :, t] + 50 * v).T
+        ds.PixelData = tiled.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+        sops.append(sop)
+    array = stored[:, :, order].astype(np.float32)
+    return _info(
+        folder,
+        files,
+        array,
+        stored[:, :, order],
+        mask[:, :, order],
+        affine,
+        study_uid,
+        series_uid,
+        for_uid,
+        sops,
+        row,
+        col,
+    )

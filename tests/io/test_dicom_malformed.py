@@ -175,8 +175,10 @@ def case_no_series_matches_rules(tmp):
     return (
         tmp,
         {"rules": {"modality": ["MR"], "min_slices": 10}},
-        rf"no image series matches modality MR with >= 10 slices; available series:\n  {info.series_uid} \| CT "
-        r"\| 'phantom' \| 6 slice\(s\) \| 8x8 \| axial",
+        (
+            rf"no image series matches modality MR with >= 10 slices; available series:\n  {info.series_uid} \| CT "
+            r"\| 'phantom' \| 6 slice\(s\) \| 8x8 \| axial"
+        ),
         str(tmp),
     )
 

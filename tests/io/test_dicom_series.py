@@ -296,7 +296,9 @@ def test_mixed_mr_study_splits_into_two_series():
 def test_transfer_syntax_files_decode_identically():
     folder = DATA / "dicom_transfer_syntaxes" / "In"
     ref = read_series(folder / "1.dcm")  # explicit VR little endian
-    assert ref.shape == (384, 384, 1) and ref.array.max() > 0
+    # A Siemens mosaic of 35 64x64 tiles: unpacked into its slices (tests/io/test_mosaic.py checks
+    # the voxels and affine against dcm2niix).
+    assert ref.shape == (64, 64, 35) and ref.array.max() > 0
     syntaxes = set()
     for n in range(2, 10):
         vol = read_series(folder / f"{n}.dcm")
@@ -307,6 +309,7 @@ def test_transfer_syntax_files_decode_identically():
     # The nine files share one SeriesInstanceUID but differ in SeriesNumber: nine stacks.
     series = scan_folder(folder)
     assert len(series) == 9 and all("#" in s.key and s.split_note for s in series)
+    assert all(s.mosaic and s.n_slices == 35 and (s.rows, s.columns) == (64, 64) for s in series)
 
 
 @pytest.mark.parametrize("study,shape", [("Study1", (35, 51, 32)), ("Study2", (36, 48, 35)), ("Study3", (34, 50, 40))])
