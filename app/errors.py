@@ -76,12 +76,30 @@ _OS_WORDS = {
 ENV_ERRNOS = frozenset(_OS_WORDS) - {errno.ENOENT, errno.EISDIR}
 
 
+def root_os_error(exc: BaseException) -> OSError | None:
+    """The OSError with an errno behind ``exc`` (libraries such as pydicom re-raise one without it)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return exc if isinstance(exc, OSError) else None
+
+
 def os_error_words(exc: OSError) -> str:
     """A short phrase for an OSError (``no space left on the device``)."""
-    return _OS_WORDS.get(exc.errno or -1) or (exc.strerror or str(exc) or type(exc).__name__).lower()
+    root = root_os_error(exc) or exc
+    if root.errno in _OS_WORDS:
+        return _OS_WORDS[root.errno]
+    if root.strerror:
+        return root.strerror.lower()
+    lines = str(root).strip().splitlines()
+    return lines[0] if lines else type(root).__name__
 
 
 def env_error(exc: OSError, action: str, path: str | os.PathLike | None = None) -> EnvError:
     """``EnvError`` for an OSError met while ``action`` (e.g. ``cannot write the outputs``), naming the file."""
-    where = path if path is not None else exc.filename
+    where = path if path is not None else (root_os_error(exc) or exc).filename
     return EnvError(f"{action}: {os_error_words(exc)}", where)

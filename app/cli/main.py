@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from app import __version__
 from app.cli import commands as c
-from app.errors import ENV_ERRNOS, EnvError, SegappError, env_error
+from app.errors import ENV_ERRNOS, EnvError, SegappError, env_error, root_os_error
 
 BUG_EXIT = 70  # EX_SOFTWARE
 REPORT = "this is a bug in segapp: please report it with the traceback above"
@@ -201,8 +201,9 @@ def _environment_cause(exc: BaseException) -> EnvError | None:
     """An EnvError for the machine's faults that reached the top unwrapped: full disk, permissions, memory."""
     if isinstance(exc, MemoryError):
         return EnvError("out of memory (close other programs, or segment a smaller image or on a bigger machine)")
-    if isinstance(exc, OSError) and exc.errno in ENV_ERRNOS:
-        return env_error(exc, "cannot read or write")
+    root = root_os_error(exc)
+    if root is not None and root.errno in ENV_ERRNOS:
+        return env_error(root, "cannot read or write")
     return None
 
 

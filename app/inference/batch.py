@@ -341,13 +341,13 @@ def infer_batch(
     if int(nproc) < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}", "--nproc")
     fmt = parse_formats(formats, dicom=True)
+    check_device(device)  # fail early, naming --device
+    out = check_output_dir(output)  # writable, before any model is built
     ref = run_bundle(run) if run is not None else find_bundle(bundle)  # type: ignore[arg-type]
     ckpt_path = Path(checkpoint) if checkpoint else ref.root / "models" / "model.pt"
     if not ckpt_path.is_file():
         raise ConfigError("checkpoint not found (train the bundle first, or pass --run / --checkpoint)", str(ckpt_path))
     ckpt = str(ckpt_path.resolve())
-    check_device(device)  # fail early, naming --device
-    out = check_output_dir(output)  # writable, before any model is built
     items = find_work(source, ref.metadata.get("series_rules"), exclude=out)
     t_start = time.time()
 

@@ -106,6 +106,21 @@ def _gzip_length_at_least(path: Path, needed: int) -> int:
     return got
 
 
+def _gzip_problem(path: Path) -> str | None:
+    """What is wrong with a ``.gz`` file's stream (read through, keeping nothing), or None."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(_CHUNK):
+                pass
+    except gzip.BadGzipFile as exc:
+        if "not a gzipped file" in str(exc).lower():
+            return f"not a gzip file, though its name ends in .gz ({_why(exc)})"
+        return f"corrupt gzip file ({_why(exc)})"
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"truncated or corrupt gzip file ({_why(exc)})"
+    return None
+
+
 def inspect_nifti(path: str | os.PathLike) -> NiftiInfo:
     """Read and check a NIfTI header against its file, allocating no voxels (see the module docstring).
 
@@ -128,6 +143,7 @@ def inspect_nifti(path: str | os.PathLike) -> NiftiInfo:
         hdr = img.header
         shape = tuple(int(s) for s in img.shape)
         dtype = np.dtype(img.get_data_dtype())
+        type_name = str(hdr.get_value_label("datatype"))
         offset = int(img.dataobj.offset)  # type: ignore[attr-defined]
         sform_code = int(hdr.get_sform(coded=True)[1] or 0)
         qform_code = int(hdr.get_qform(coded=True)[1] or 0)
@@ -138,15 +154,18 @@ def inspect_nifti(path: str | os.PathLike) -> NiftiInfo:
     except MemoryError:
         raise
     except Exception as exc:  # nibabel's errors on a malformed header are many; all mean "bad file"
+        problem = _gzip_problem(p) if p.name.lower().endswith(".gz") else None
+        if problem:  # a cut or corrupt stream says so, rather than nibabel's "cannot work out file type"
+            raise InputError(problem, p) from exc
         raise InputError(f"not a readable NIfTI file ({_why(exc)})", p) from exc
     if len(shape) < 3:
         raise InputError(f"a {len(shape)}D image (shape {shape}); segapp segments 3D volumes", p)
     if any(s <= 0 for s in shape):
-        raise InputError(f"the header declares an empty axis (shape {shape})", p)
+        raise InputError(f"the header declares an axis of length zero or less (shape {shape})", p)
     if len(shape) > 4 and any(s != 1 for s in shape[4:]):
         raise InputError(f"a {len(shape)}D image (shape {shape}); segapp reads 3D volumes (or 4D with one)", p)
     if dtype.kind not in "biuf" or dtype.fields is not None:
-        raise InputError(f"voxel type {dtype} is not supported (integer or real voxels only)", p)
+        raise InputError(f"voxel type {type_name} is not supported (integer or real voxels only)", p)
     source = "sform" if sform_code > 0 else "qform" if qform_code > 0 else "pixdim"
     _check_affine(affine, source, p)
     data_bytes = math.prod(shape) * dtype.itemsize

@@ -31,7 +31,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from app.errors import ENV_ERRNOS, ConfigError, env_error
+from app.errors import ENV_ERRNOS, ConfigError, env_error, root_os_error
 
 STAGING_PREFIX = ".segapp-partial-"
 
@@ -129,9 +129,10 @@ class OutputSet:
         try:
             yield staged
         except OSError as exc:
-            inside = exc.filename is None or str(self._staging or "") in str(exc.filename)
-            if inside or (exc.errno in ENV_ERRNOS):
-                where = self.folder / name if inside else exc.filename
+            root = root_os_error(exc) or exc
+            inside = root.filename is None or str(self._staging or "") in str(root.filename)
+            if inside or (root.errno in ENV_ERRNOS):
+                where = self.folder / name if inside else root.filename
                 raise env_error(exc, "cannot write this output", where) from exc
             raise
         if not staged.is_file():

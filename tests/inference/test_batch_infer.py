@@ -110,7 +110,9 @@ def test_batch_one_process_failures_isolated_rerun_skips(tmp_path, inputs, run):
     assert again[str(info["good"][0].folder)]["outputs"] == first[str(info["good"][0].folder)]["outputs"]
     bad = again[str(info["bad"].folder)]
     assert bad["status"] == "failed"
-    assert bad["error"] == "failed before (use --retry-failed to run it again): " + first[str(info["bad"].folder)]["error"]
+    assert (
+        bad["error"] == "failed before (use --retry-failed to run it again): " + first[str(info["bad"].folder)]["error"]
+    )
 
     # --retry-failed runs the corrupt series again (and it fails again, with its error).
     res = infer_batch(None, str(root), str(out), run=str(run), device="cpu", retry_failed=True)
