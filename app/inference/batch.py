@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 DONE = "done.json"
 DONE_LOG = "done.log"
 STARTED = ".started"
+DIED = "a worker process died while segmenting this series (killed, or out of memory?); a re-run does it again"
 COLUMNS = ("key", "kind", "input", "status", "seconds", "outputs", "error")
 
 
@@ -456,18 +457,17 @@ def _run_pool(todo: list[tuple[WorkItem, str]], spec: dict, out: Path, rows: dic
                     rows[item.key] = _row(item, "failed", error=f"{type(exc).__name__}: {exc}")
         if not broken:
             return
+        before = len(pending)
         for item, fp in pending:  # finished (marker written) but its result was lost with the pool
             prev = _previous(out, item, fp) if item.key not in rows else None
             if prev is not None and prev.get("run") == spec["run_id"]:
                 rows[item.key] = {k: v for k, v in prev.items() if k not in ("fingerprint", "run")}
                 (out / item.key / STARTED).unlink(missing_ok=True)
-        died = [(i, fp) for i, fp in pending if i.key not in rows and (out / i.key / STARTED).is_file()]
-        for item, _ in died:
-            rows[item.key] = _row(
-                item, "failed", error="the worker process died while segmenting this series (out of memory?)"
-            )
-            (out / item.key / STARTED).unlink(missing_ok=True)
+        for item, _ in pending:  # held by a worker when the pool broke: no marker, so a re-run does it again
+            if item.key not in rows and (out / item.key / STARTED).is_file():
+                rows[item.key] = _row(item, "failed", error=DIED)
+                (out / item.key / STARTED).unlink(missing_ok=True)
         pending = [(i, fp) for i, fp in pending if i.key not in rows]
-        if not died:  # the pool broke before any series started: it will not get better
-            raise RuntimeError("infer-batch worker processes failed to start")
+        if len(pending) == before:  # the pool broke before any series started: it will not get better
+            raise RuntimeError("infer-batch worker processes died before segmenting anything")
         log.warning("a worker process died; restarting the pool for %d remaining item(s)", len(pending))

@@ -132,3 +132,48 @@ def mutations() -> st.SearchStrategy[Case]:
         gz=st.booleans(),
         cut=st.one_of(st.none(), st.none(), st.floats(0.0, 0.999)),
     )
+
+
+# -- the property: a correct result or a SegappError, and nothing left behind on error ----------------------
+def outcome_label(message: str, path) -> str:
+    """The kind of refusal, without the file name and the numbers (for counting outcomes)."""
+    text = message.removeprefix(f"{path}: ")
+    for stop in ("(", ";", ":"):
+        text = text.split(stop, 1)[0]
+    return " ".join(w for w in text.split() if not any(c.isdigit() for c in w)).strip() or text
+
+
+def check_infer_outcome(segmenter, case: Case, folder) -> str:
+    """Run ``segapp infer``'s steps (``plan_nifti_jobs``, then ``Segmenter.nifti``) on one hostile file.
+
+    Asserts: either every output is on the input's grid (shape and affine as nibabel reads the input),
+    or a ``SegappError`` of one line naming the file, with nothing left in the output folder but the
+    failed series' summary. Any other exception propagates (a bug). Returns ``ok`` or the refusal's kind.
+    """
+    import json
+
+    from app.errors import SegappError
+    from app.inference.pipeline import plan_nifti_jobs
+
+    src = write_case(folder / f"in{case.suffix}", case)
+    out = folder / "out"
+    try:
+        results = [segmenter.nifti(job.path, out, stem=job.key) for job in plan_nifti_jobs(src, out)]
+    except SegappError as exc:
+        message = str(exc)
+        assert "\n" not in message, message
+        assert message.startswith((f"{src}: ", f"{out}: ")), message
+        left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) if out.exists() else []
+        assert left in ([], ["in_summary.json"]), left
+        if left:
+            record = json.loads((out / "in_summary.json").read_text())
+            assert record["status"] == "failed" and record["outputs"] == {} and record["error"] == message
+        return f"{type(exc).__name__}: {outcome_label(message, src)}"
+    (res,) = results
+    ref = nib.load(str(src))
+    seg = nib.load(res.outputs["nifti"])
+    assert math.prod(ref.shape[3:]) == 1 and seg.shape == ref.shape[:3], (seg.shape, ref.shape)
+    scale = max(1.0, float(np.abs(ref.affine).max()))
+    np.testing.assert_allclose(seg.affine, ref.affine, rtol=0, atol=1e-5 * scale)
+    assert sorted(res.outputs) == ["nifti", "overlay"]
+    return "ok"
