@@ -30,12 +30,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=500)
     ap.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random)")
-    ap.add_argument("--memory-limit", default="64M", help="SEGAPP_MEMORY_LIMIT while fuzzing (bounds network grids)")
+    ap.add_argument(
+        "--memory-limit", default="16M", help="SEGAPP_MEMORY_LIMIT while fuzzing (bounds the network grids it runs)"
+    )
     args = ap.parse_args()
     os.environ["SEGAPP_MEMORY_LIMIT"] = args.memory_limit
     os.environ.setdefault("SEGAPP_HOME", tempfile.mkdtemp(prefix="segapp-fuzz-home-"))
 
     import logging
+    import warnings
 
     import torch
     from hypothesis import HealthCheck, given, seed, settings
@@ -46,6 +49,7 @@ def main() -> int:
     from app.inference.pipeline import Segmenter
 
     logging.disable(logging.CRITICAL)  # nibabel logs each header it "fixes"
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="segapp-fuzz-") as tmp:
         segmenter = Segmenter(load_model(run=tiny_run(Path(tmp) / "run"), device="cpu"))
@@ -56,6 +60,9 @@ def main() -> int:
         def fuzz(case) -> None:
             with tempfile.TemporaryDirectory(prefix="case-", dir=tmp) as folder:
                 outcomes[check_infer_outcome(segmenter, case, Path(folder))] += 1
+            done = sum(outcomes.values())
+            if done % 100 == 0:
+                print(f"{done} examples, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
         if args.seed is not None:
             fuzz = seed(args.seed)(fuzz)

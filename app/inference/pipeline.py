@@ -72,22 +72,41 @@ def _is_nifti_name(name: str) -> bool:
 
 
 def find_nifti_inputs(path: str | Path, exclude: str | Path | None = None) -> list[Path]:
-    """A NIfTI file, or every NIfTI file in a folder (recursive, sorted), leaving out ``exclude`` (the
-    output folder, when it lies inside the input). A NIfTI name that is not a readable file (a broken
-    link) is an ``InputError``, not silently left out."""
+    """A NIfTI file, or every NIfTI file in a folder (recursive, sorted), leaving out segapp's own outputs:
+    the folder ``exclude`` (the output folder) when it lies inside the input, and every file a
+    ``*_summary.json`` there lists (the output folder may be the input folder itself). A NIfTI name that
+    is not a readable file (a broken link) is an ``InputError``, not silently left out."""
     p = Path(path)
     if p.is_file():
         return [p]
+    root = p.resolve()
     excluded = Path(exclude).resolve() if exclude is not None else None
+    skip_folder = excluded is not None and root in excluded.parents
+    ours = _listed_outputs(excluded) if excluded is not None and (excluded == root or skip_folder) else set()
     found = []
     for f in p.rglob("*"):
-        if not _is_nifti_name(f.name) or (excluded is not None and excluded in f.resolve().parents):
+        if not _is_nifti_name(f.name):
+            continue
+        full = f.resolve()
+        if (skip_folder and excluded in full.parents) or full in ours:
             continue
         if f.is_file():
             found.append(f)
         elif not f.is_dir():
             raise InputError("a NIfTI name that is not a readable file (broken link?)", f)
     return sorted(found)
+
+
+def _listed_outputs(folder: Path) -> set[Path]:
+    """Files that segapp summaries under ``folder`` list as outputs."""
+    listed: set[Path] = set()
+    for summary in folder.rglob("*_summary.json") if folder.is_dir() else []:
+        try:
+            outputs = json.loads(summary.read_text()).get("outputs") or {}
+            listed |= {Path(v).resolve() for v in outputs.values()}
+        except (OSError, ValueError, AttributeError):
+            continue
+    return listed
 
 
 def nifti_stem(path: Path) -> str:
@@ -230,7 +249,9 @@ class Segmenter:
         """EnvError when segmenting an image of this grid would need more memory than the budget."""
         src = math.prod(int(s) for s in shape[:3])
         net_shape = self.network_grid(shape, affine_ras)
-        net = math.prod(net_shape) if net_shape else src
+        roi = self.predictor.spec.roi_size if self.predictor.spec is not None else (1, 1, 1)
+        # the sliding window pads the grid to at least one window along each axis
+        net = math.prod(max(n, r) for n, r in zip(net_shape, roi)) if net_shape else src
         classes = max(2, len(self.model.labels))
         plain = 0 if not self.predictor.fast_path_note() else classes * (src + net)  # full probability maps
         need = 4 * (_SOURCE_COPIES * src + _NETWORK_COPIES * net + plain)

@@ -109,6 +109,13 @@ def test_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, ru
     assert _outputs(out) == ["case_overlay.png", "case_seg.nii.gz"]
 
 
+def test_output_folder_that_is_the_input_folder(tmp_path, run):
+    src = _write(tmp_path / "in" / "case.nii.gz").parent
+    assert _infer(run, src, src) == 0
+    assert _infer(run, src, src, "--overwrite") == 0  # case_seg.nii.gz beside it is an output, not an input
+    assert _outputs(src) == ["case_overlay.png", "case_seg.nii.gz"]
+
+
 def test_dicom_series_second_run_refuses_without_overwrite(tmp_path, run, capsys):
     info = write_phantom_series(tmp_path / "mr", modality="MR", rescale=(1.0, 0.0))
     out = tmp_path / "out"

@@ -29,7 +29,7 @@ OUTCOMES: Counter[str] = Counter()
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory):
     saved = os.environ.get("SEGAPP_MEMORY_LIMIT")
-    os.environ["SEGAPP_MEMORY_LIMIT"] = "64M"  # mutated voxel sizes must not start a multi-GB network grid
+    os.environ["SEGAPP_MEMORY_LIMIT"] = "16M"  # mutated voxel sizes must not start a multi-GB network grid
     try:
         yield Segmenter(load_model(run=tiny_run(tmp_path_factory.mktemp("run")), device="cpu"))
     finally:
