@@ -100,6 +100,7 @@ def train(a) -> int:
         extra_configs=a.config or (),
         overrides=_overrides(a),
         trust=a.trust_bundle,
+        tracking_fallback=a.tracking_fallback,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         final = res.get("final") or res.get("last") or {}
@@ -109,6 +110,8 @@ def train(a) -> int:
             f"outputs:    {res['output_dir']}  (models/model.pt, models/best.pt, checkpoints/last.pt, metrics.json; "
             f"use it with --run {res['output_dir']})"
         )
+        if res.get("tracking_fallback"):
+            print(f"mlflow:     {res['tracking_fallback']}", file=sys.stderr)
         if res.get("mlflow"):
             m = res["mlflow"]
             print(f"mlflow:     run {m['run_name']} ({m['run_id']}) in {m['tracking_uri']}")
@@ -171,20 +174,6 @@ def evaluate(a) -> int:
 
 
 # -- inference ---------------------------------------------------------------------------------------
-def _split_report_formats(text: str | None) -> tuple[str | None, list[str]]:
-    """``--format``: the report formats (stats, sr) apart from what ``parse_formats`` knows."""
-    from app.reporting.report import REPORT_FORMATS
-
-    if not text:
-        return text, []
-    given = [f.strip().lower() for f in text.split(",") if f.strip()]
-    reports = [f for f in given if f in REPORT_FORMATS]
-    rest = [f for f in given if f not in REPORT_FORMATS]
-    if "sr" in reports and "seg" not in rest:
-        raise ConfigError("the SR references the SEG's segments: add seg (--format seg,sr)", "--format")
-    return (",".join(rest) or None), reports
-
-
 def infer(a) -> int:
     from app.io.pull import is_remote, pulled
 
@@ -199,15 +188,17 @@ def infer(a) -> int:
 
 def _infer(a, src: Path) -> int:
     from app.bundle.model import load_model
-    from app.inference.pipeline import Segmenter, find_nifti_inputs, is_dicom_input, parse_formats
+    from app.inference.pipeline import Segmenter, is_dicom_input, parse_formats, plan_nifti_jobs
+    from app.runtime.preflight import check_device, check_output_dir
 
     if not src.exists():
         raise InputError("input not found", str(src))
-    dicom = is_dicom_input(src)
-    format_text, reports = _split_report_formats(a.format)
-    if reports and not dicom:
-        raise ConfigError("stats and sr are reports of a DICOM series", "--format")
-    formats = (parse_formats(format_text, dicom) if format_text or not reports else []) + reports
+    # everything that can be checked before the model is built: options, output folder, inputs, space
+    check_device(a.device)
+    out = check_output_dir(a.output)
+    dicom = is_dicom_input(src, exclude=out)
+    formats = parse_formats(a.format, dicom)
+    jobs = [] if dicom else plan_nifti_jobs(src, out, overwrite=a.overwrite)
     model = load_model(
         _mlflow_bundle(a),
         a.checkpoint,
@@ -221,24 +212,30 @@ def _infer(a, src: Path) -> int:
     segmenter = Segmenter(model)
     if dicom:
         res = segmenter.dicom(
-            src, a.output, formats, a.series_uid, a.send or (), allow_generated_uids=a.allow_generated_uids
+            src,
+            out,
+            formats,
+            a.series_uid,
+            a.send or (),
+            allow_generated_uids=a.allow_generated_uids,
+            overwrite=a.overwrite,
         )
-        results = [res]
         print("series:  " + res.selection)
-    else:
-        files = find_nifti_inputs(src)
-        if not files:
-            raise InputError("no NIfTI files (.nii, .nii.gz) found", str(src))
-        results = [segmenter.nifti(f, a.output) for f in files]
-    for res in results:
-        if res.path != "fast":
-            print(f"path:    MONAI's plain path ({res.note})")
-        print("timings: " + "  ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
-        for dest in res.sent:
-            print(f"sent {dest['files']} file(s) to {dest['destination']}")
-        for path in res.outputs.values():
-            print(path)
+        _print_series(res)
+    else:  # each image all or nothing; the first failure stops (the finished ones keep their outputs)
+        for job in jobs:
+            _print_series(segmenter.nifti(job.path, out, stem=job.key, overwrite=a.overwrite))
     return 0
+
+
+def _print_series(res) -> None:
+    if res.path != "fast":
+        print(f"path:    MONAI's plain path ({res.note})")
+    print("timings: " + "  ".join(f"{k} {v:.2f}" for k, v in res.timings.items()))
+    for dest in res.sent:
+        print(f"sent {dest['files']} file(s) to {dest['destination']}")
+    for path in res.outputs.values():
+        print(path)
 
 
 def infer_batch(a) -> int:

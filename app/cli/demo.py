@@ -35,10 +35,14 @@ def run_demo(out: str = "segapp_demo", epochs: int | None = None, device: str = 
     segmenter = Segmenter(load_model(run=run, device=device))
     print("[3/4] segmenting a NIfTI image (output on its own grid)", flush=True)
     first_case = json.loads(Path(manifest).read_text())["cases"][0]["image"]
-    nifti = segmenter.nifti(SAMPLE_DATA_DIR / "hippocampus" / first_case, out_dir / "infer_nifti")
+    # the demo owns its folder: a second demo replaces the first one's outputs
+    nifti = segmenter.nifti(SAMPLE_DATA_DIR / "hippocampus" / first_case, out_dir / "infer_nifti", overwrite=True)
     print("[4/4] segmenting the sample MR DICOM series -> NIfTI, DICOM SEG, RTSTRUCT", flush=True)
     dicom = segmenter.dicom(
-        SAMPLE_DATA_DIR / "mr_dicom_series", out_dir / "infer_dicom", formats=("nifti", "seg", "rtstruct")
+        SAMPLE_DATA_DIR / "mr_dicom_series",
+        out_dir / "infer_dicom",
+        formats=("nifti", "seg", "rtstruct"),
+        overwrite=True,
     )
     print()
     print("validation (fold 0): " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if "dice" in k))

@@ -1,14 +1,16 @@
 """``segapp``: the argument parser, logging, and how errors reach the user.
 
 A ``SegappError`` (bad input, option, config or environment) ends in one line naming the file or
-option and a non-zero exit code; any other exception is a bug in segapp and prints its traceback
-with a line asking for a report.
+option and its exit code (``app.errors``). So do the machine's own faults that reach the top without
+one (an ``OSError`` such as a full disk or a read-only folder, ``MemoryError``): exit 4. Any other
+exception is a bug in segapp and prints its traceback with a line asking for a report (exit 70).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 from app import __version__
 from app.cli import commands as c
-from app.errors import SegappError
+from app.errors import ENV_ERRNOS, EnvError, SegappError, env_error, root_os_error
 
 BUG_EXIT = 70  # EX_SOFTWARE
 REPORT = "this is a bug in segapp: please report it with the traceback above"
@@ -44,7 +46,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # no GPU decoder: expected
     if not verbose:  # pynetdicom logs each refused connection as errors; segapp's own error says it in one line
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    if not verbose:
+        # nibabel "fixes" broken headers with a log line each; segapp's own check says what is wrong
+        logging.getLogger("nibabel.global").setLevel(logging.CRITICAL)
         for message in NOISE:
             warnings.filterwarnings("ignore", message=message)
 
@@ -97,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--register", metavar="NAME", help="register the final model in the MLflow model registry (a new version)"
     )
+    t.add_argument(
+        "--tracking-fallback",
+        choices=("fail", "local"),
+        default="fail",
+        help="when the --tracking-uri server does not answer: fail (default) or track in the local store in OUT",
+    )
     t.add_argument("--seed", type=int)
     t.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine, launched with torchrun")
     t.add_argument("--config", action="append", help="extra config file merged over train.json (repeatable)")
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="source series with blank Study/Series/FrameOfReference UIDs: derive stable ones instead of refusing",
     )
+    i.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse)")
     _model_options(i)
     i.set_defaults(func=c.infer)
 
@@ -227,6 +237,16 @@ def _segapp_cause(exc: BaseException | None) -> SegappError | None:
     return None
 
 
+def _environment_cause(exc: BaseException) -> EnvError | None:
+    """An EnvError for the machine's faults that reached the top unwrapped: full disk, permissions, memory."""
+    if isinstance(exc, MemoryError):
+        return EnvError("out of memory (close other programs, or segment a smaller image or on a bigger machine)")
+    root = root_os_error(exc)
+    if root is not None and root.errno in ENV_ERRNOS:
+        return env_error(root, "cannot read or write")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -235,8 +255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segapp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `segapp ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except Exception as exc:
-        err = _segapp_cause(exc)
+        err = _segapp_cause(exc) or _environment_cause(exc)
         if err is None:
             traceback.print_exc()
             print(f"segapp: internal error: {type(exc).__name__}: {exc}; {REPORT}", file=sys.stderr)

@@ -8,13 +8,17 @@ Work items:
 * NIfTI: every ``.nii``/``.nii.gz`` under the root, named ``nifti_<hash of its relative path>``.
 * A manifest JSON: its cases' images (NIfTI files or DICOM series folders).
 
-Each item's outputs go to ``OUTPUT/<key>/`` and end with ``OUTPUT/<key>/done.json`` (its row of the
-results table plus a fingerprint of the input files, checkpoint and formats). A later run skips items
-whose marker matches (and, unless ``retry_failed``, items that failed on the same input). Worker
-processes build the predictor once and take items one at a time from a shared queue; one failing
-series is recorded with its error and never stops the others. ``OUTPUT/results.csv`` and
-``OUTPUT/results.json`` (written atomically, ``results.json`` last) list every item with its status
-(``ok`` | ``failed`` | ``skipped``), seconds, output files and error message.
+Each item's outputs go to ``OUTPUT/<key>/`` (all or nothing, see ``app.inference.pipeline``) and end
+with ``OUTPUT/<key>/done.json`` (its row of the results table plus a fingerprint of the input files,
+checkpoint and formats, and the id of the run that wrote it); each marker written is also appended as
+one line to ``OUTPUT/done.log``. A later run skips items whose marker matches; an item that failed on
+the same input is reported as failed again, with its old error, unless ``retry_failed`` runs it again.
+Worker processes build the predictor once and take items one at a time from a shared queue; one
+failing series is recorded with its error and never stops the others. A worker that dies (killed, out
+of memory) fails the series it held, without a marker (a re-run does it again); the pool restarts
+for the rest, and items whose marker a worker wrote before the pool broke are not redone.
+``OUTPUT/results.csv`` and ``OUTPUT/results.json`` (written atomically, ``results.json`` last) list
+every item with its status (``ok`` | ``failed`` | ``skipped``), seconds, output files and error message.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,14 +42,16 @@ from typing import Any
 from app.bundle.model import run_bundle
 from app.bundle.store import find_bundle
 from app.errors import ConfigError, DicomError, InputError, SegappError
-from app.inference.pipeline import Segmenter, find_nifti_inputs, parse_formats, series_key
+from app.inference.pipeline import Segmenter, find_nifti_inputs, parse_formats, series_key, summary_name
 from app.io.atomic import atomic_write_text
-from app.runtime.device import resolve_device
+from app.runtime.preflight import check_device, check_output_dir
 
 log = logging.getLogger(__name__)
 
 DONE = "done.json"
+DONE_LOG = "done.log"
 STARTED = ".started"
+DIED = "a worker process died while segmenting this series (killed, or out of memory?); a re-run does it again"
 COLUMNS = ("key", "kind", "input", "status", "seconds", "outputs", "error")
 
 
@@ -205,25 +212,32 @@ def _process(item: WorkItem, fp: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / STARTED, str(os.getpid()))
     t0 = time.perf_counter()
-    row = {"key": item.key, "kind": item.kind, "input": item.input, "status": "ok", "outputs": [], "error": ""}
+    row: dict[str, Any] = {"key": item.key, "kind": item.kind, "input": item.input, "status": "ok", "outputs": []}
+    row["error"] = ""
     try:
         segmenter: Segmenter = _WORKER["segmenter"]
         if item.kind == "dicom":
             res = segmenter.dicom(
-                item.input, out, spec["formats"], item.series or None, spec["send"], spec["allow_generated_uids"]
+                item.input,
+                out,
+                spec["formats"],
+                item.series or None,
+                spec["send"],
+                spec["allow_generated_uids"],
+                overwrite=True,  # no marker: whatever an earlier, interrupted attempt left is replaced
             )
-            paths = list(res.outputs.values()) + [str(out / f"{res.key}_summary.json")]
         else:
-            paths = list(segmenter.nifti(item.input, out).outputs.values())
+            res = segmenter.nifti(item.input, out, overwrite=True)
+        paths = [*res.outputs.values(), str(out / summary_name(res.key))]
         row["outputs"] = sorted(os.path.relpath(p, spec["output"]) for p in paths)
-    except SegappError as exc:
-        row.update(status="failed", error=str(exc))
     except Exception as exc:  # a series we could not foresee must not stop the batch
-        log.debug("series %s failed", item.key, exc_info=True)
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, SegappError):
+            log.debug("series %s failed", item.key, exc_info=True)
+        row.update(status="failed", error=_error_line(exc), outputs=_kept_outputs(out, spec["output"]))
     row["seconds"] = round(time.perf_counter() - t0, 3)
     row["worker"] = os.getpid()
-    atomic_write_text(out / DONE, json.dumps({**row, "fingerprint": fp}, indent=2))
+    atomic_write_text(out / DONE, json.dumps({**row, "fingerprint": fp, "run": spec["run_id"]}, indent=2))
+    _append_line(Path(spec["output"]) / DONE_LOG, {"key": item.key, "status": row["status"], **_stamp(spec)})
     (out / STARTED).unlink(missing_ok=True)
     log.info(
         "%s: %s in %.1f s%s", item.key, row["status"], row["seconds"], f" ({row['error']})" if row["error"] else ""
@@ -231,8 +245,40 @@ def _process(item: WorkItem, fp: str) -> dict:
     return row
 
 
+def _kept_outputs(folder: Path, root: str) -> list[str]:
+    """Outputs a failed item still has (a failed send keeps them), from its summary."""
+    files: list[str] = []
+    for summary in folder.glob("*_summary.json"):
+        try:
+            outputs = json.loads(summary.read_text()).get("outputs") or {}
+        except (OSError, ValueError):
+            continue
+        files += [str(summary), *(str(p) for p in outputs.values() if Path(p).is_file())] if outputs else []
+    return sorted(os.path.relpath(p, root) for p in files)
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, SegappError):
+        return str(exc).splitlines()[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _stamp(spec: dict) -> dict:
+    return {"run": spec["run_id"], "worker": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _append_line(path: Path, record: dict) -> None:
+    """One JSON line appended in one write (O_APPEND: lines of concurrent workers never interleave)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 # -- driver ------------------------------------------------------------------------------------------------
-def _previous(out: Path, item: WorkItem, fp: str, retry_failed: bool) -> dict | None:
+def _previous(out: Path, item: WorkItem, fp: str) -> dict | None:
+    """The item's done marker when it matches the current input (fingerprint), else None."""
     marker = out / item.key / DONE
     if not marker.is_file():
         return None
@@ -240,9 +286,7 @@ def _previous(out: Path, item: WorkItem, fp: str, retry_failed: bool) -> dict | 
         prev = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    if prev.get("fingerprint") != fp or (prev.get("status") == "failed" and retry_failed):
-        return None
-    return prev
+    return prev if prev.get("fingerprint") == fp else None
 
 
 def write_results(output: str | os.PathLike, rows: list[dict], meta: dict) -> tuple[Path, Path]:
@@ -298,31 +342,39 @@ def infer_batch(
     if int(nproc) < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}", "--nproc")
     fmt = parse_formats(formats, dicom=True)
+    check_device(device)  # fail early, naming --device
+    out = check_output_dir(output)  # writable, before any model is built
     ref = run_bundle(run) if run is not None else find_bundle(bundle)  # type: ignore[arg-type]
     ckpt_path = Path(checkpoint) if checkpoint else ref.root / "models" / "model.pt"
     if not ckpt_path.is_file():
         raise ConfigError("checkpoint not found (train the bundle first, or pass --run / --checkpoint)", str(ckpt_path))
     ckpt = str(ckpt_path.resolve())
-    resolve_device(device)  # fail early, naming --device
-    out = Path(output).resolve()
     items = find_work(source, ref.metadata.get("series_rules"), exclude=out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
     rows: dict[str, dict] = {}
     todo: list[tuple[WorkItem, str]] = []
     for item in items:
         fp = fingerprint(item, ckpt, fmt)
-        prev = _previous(out, item, fp, retry_failed)
+        prev = _previous(out, item, fp)
         if item.skip_reason:
             rows[item.key] = _row(item, "skipped", error=item.skip_reason)
-        elif prev is not None:
-            why = "already done" if prev["status"] == "ok" else f"failed before (use --retry-failed): {prev['error']}"
-            rows[item.key] = _row(item, "skipped", outputs=prev.get("outputs", []), error=why)
+        elif prev is not None and prev.get("status") == "ok":
+            rows[item.key] = _row(item, "skipped", outputs=prev.get("outputs", []), error="already done")
+        elif prev is not None and not retry_failed:  # still failed: say so, and count it
+            why = f"failed before (use --retry-failed to run it again): {prev.get('error', '')}"
+            rows[item.key] = _row(item, "failed", outputs=prev.get("outputs", []), error=why)
         else:
             todo.append((item, fp))
             (out / item.key / STARTED).unlink(missing_ok=True)
-    log.info("%d item(s): %d to do, %d skipped, %d process(es)", len(items), len(todo), len(items) - len(todo), nproc)
+    log.info(
+        "%d item(s): %d to do, %d done or skipped before, %d failed before, %d process(es)",
+        len(items),
+        len(todo),
+        sum(r["status"] == "skipped" for r in rows.values()),
+        sum(r["status"] == "failed" for r in rows.values()),
+        nproc,
+    )
 
     spec = {
         "bundle": bundle,
@@ -337,6 +389,7 @@ def infer_batch(
         "send": list(send_to),
         "allow_generated_uids": bool(allow_generated_uids),
         "nproc": int(min(nproc, max(1, len(todo)))),
+        "run_id": uuid.uuid4().hex[:12],
     }
     meta = {
         "bundle": ref.metadata.get("name", ref.name),
@@ -345,6 +398,7 @@ def infer_batch(
         "formats": fmt,
         "nproc": spec["nproc"],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
+        "run": spec["run_id"],
     }
     try:
         if todo and spec["nproc"] == 1:
@@ -403,13 +457,17 @@ def _run_pool(todo: list[tuple[WorkItem, str]], spec: dict, out: Path, rows: dic
                     rows[item.key] = _row(item, "failed", error=f"{type(exc).__name__}: {exc}")
         if not broken:
             return
-        died = [(i, fp) for i, fp in pending if i.key not in rows and (out / i.key / STARTED).is_file()]
-        for item, _ in died:
-            rows[item.key] = _row(
-                item, "failed", error="the worker process died while segmenting this series (out of memory?)"
-            )
-            (out / item.key / STARTED).unlink(missing_ok=True)
+        before = len(pending)
+        for item, fp in pending:  # finished (marker written) but its result was lost with the pool
+            prev = _previous(out, item, fp) if item.key not in rows else None
+            if prev is not None and prev.get("run") == spec["run_id"]:
+                rows[item.key] = {k: v for k, v in prev.items() if k not in ("fingerprint", "run")}
+                (out / item.key / STARTED).unlink(missing_ok=True)
+        for item, _ in pending:  # held by a worker when the pool broke: no marker, so a re-run does it again
+            if item.key not in rows and (out / item.key / STARTED).is_file():
+                rows[item.key] = _row(item, "failed", error=DIED)
+                (out / item.key / STARTED).unlink(missing_ok=True)
         pending = [(i, fp) for i, fp in pending if i.key not in rows]
-        if not died:  # the pool broke before any series started: it will not get better
-            raise RuntimeError("infer-batch worker processes failed to start")
+        if len(pending) == before:  # the pool broke before any series started: it will not get better
+            raise RuntimeError("infer-batch worker processes died before segmenting anything")
         log.warning("a worker process died; restarting the pool for %d remaining item(s)", len(pending))

@@ -1,10 +1,15 @@
 """The per-series pipeline: one NIfTI image or DICOM series in, labels on its exact source grid out.
 
 :class:`Segmenter` holds a loaded model and its predictor; :meth:`Segmenter.dicom` and
-:meth:`Segmenter.nifti` read the input, predict, write the requested outputs (NIfTI, DICOM SEG,
-RTSTRUCT, PNG overlay), optionally send the DICOM outputs to a PACS, and return a
-:class:`SeriesResult`. Nothing here prints; the CLI reports. File names carry no patient data: DICOM
-outputs are named by a hash of the series UID, NIfTI outputs by the input's name.
+:meth:`Segmenter.nifti` read the input, check it fits (memory, disk), predict, write the requested
+outputs (NIfTI, DICOM SEG, RTSTRUCT, PNG overlay) all or nothing (``app.io.staging.OutputSet``: a
+failure in any writer leaves none of them), then send the DICOM outputs to a PACS, and return a
+:class:`SeriesResult`. ``<key>_summary.json`` records what happened, failures and failed sends
+included. Nothing here prints; the CLI reports.
+
+File names carry no patient data: DICOM outputs are named by a hash of the series UID; NIfTI outputs
+keep the input's path below the input folder, sanitised (:func:`output_keys`), so two inputs never
+share an output, and an existing output is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
@@ -12,27 +17,44 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
+import re
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LazyTrait, RandomizableTrait
 
 from app.bundle.model import LoadedModel
-from app.errors import ConfigError
-from app.inference.predictor import BundlePredictor, load_image_metatensor
+from app.errors import ConfigError, InputError, SegappError, env_error
+from app.inference.predictor import BundlePredictor, Prediction
 from app.io.atomic import atomic_write_text
-from app.io.nifti import save_labels_nifti
+from app.io.geometry import LPS_TO_RAS
+from app.io.nifti import NiftiInfo, format_bytes, inspect_nifti, load_nifti, save_labels_nifti
+from app.io.staging import OutputSet, refuse_existing
+from app.runtime.preflight import check_free_space, check_memory, estimate_output_bytes, memory_budget_bytes
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("nifti", "seg", "rtstruct")
+FORMATS = ("nifti", "seg", "rtstruct", "stats", "sr")
+DICOM_OUTPUTS = ("seg", "rtstruct", "sr")  # what --send sends
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# float32 copies of each grid alive at once (source image, its device copy, the network-grid image and
+# its normalised copy, the resampling's scratch): a generous bound, not a measurement.
+_SOURCE_COPIES, _NETWORK_COPIES = 3, 4
 
 
 def parse_formats(text: str | None, dicom: bool) -> list[str]:
-    """``--format``: a comma list of nifti, seg, rtstruct (default nifti,seg for DICOM, nifti for NIfTI)."""
+    """``--format``: a comma list of nifti, seg, rtstruct and the reports stats (``<key>_statistics.json``
+    and a row of ``statistics.csv``) and sr (a DICOM SR of the SEG's volumes); default nifti,seg for
+    DICOM, nifti for NIfTI."""
     if not text:
         return ["nifti", "seg"] if dicom else ["nifti"]
     formats = [f.strip().lower() for f in text.split(",") if f.strip()]
@@ -40,7 +62,9 @@ def parse_formats(text: str | None, dicom: bool) -> list[str]:
     if bad:
         raise ConfigError(f"unknown output format(s) {bad}; choose from {', '.join(FORMATS)}", "--format")
     if not dicom and set(formats) - {"nifti"}:
-        raise ConfigError("DICOM SEG/RTSTRUCT need a DICOM series as input", "--format")
+        raise ConfigError("SEG, RTSTRUCT, stats and SR need a DICOM series as input", "--format")
+    if "sr" in formats and "seg" not in formats:
+        raise ConfigError("the SR references the SEG's segments: add seg (--format seg,sr)", "--format")
     return formats
 
 
@@ -49,27 +73,122 @@ def series_key(series_uid: str) -> str:
     return "series_" + hashlib.sha1(series_uid.encode()).hexdigest()[:12] if series_uid else "series"
 
 
-def find_nifti_inputs(path: str | Path) -> list[Path]:
-    """A NIfTI file, or every NIfTI file in a folder (sorted)."""
+def _is_nifti_name(name: str) -> bool:
+    return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_nifti_inputs(path: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """A NIfTI file, or every NIfTI file in a folder (recursive, sorted), leaving out segapp's own outputs:
+    the folder ``exclude`` (the output folder) when it lies inside the input, and every file a
+    ``*_summary.json`` there lists (the output folder may be the input folder itself). A NIfTI name that
+    is not a readable file (a broken link) is an ``InputError``, not silently left out."""
     p = Path(path)
     if p.is_file():
         return [p]
-    return sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(NIFTI_SUFFIXES))
+    root = p.resolve()
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    skip_folder = excluded is not None and root in excluded.parents
+    ours = _listed_outputs(excluded) if excluded is not None and (excluded == root or skip_folder) else set()
+    found = []
+    for f in p.rglob("*"):
+        if not _is_nifti_name(f.name):
+            continue
+        full = f.resolve()
+        if (skip_folder and excluded in full.parents) or full in ours:
+            continue
+        if f.is_file():
+            found.append(f)
+        elif not f.is_dir():
+            raise InputError("a NIfTI name that is not a readable file (broken link?)", f)
+    return sorted(found)
+
+
+def _listed_outputs(folder: Path) -> set[Path]:
+    """Files that segapp summaries under ``folder`` list as outputs."""
+    listed: set[Path] = set()
+    for summary in folder.rglob("*_summary.json") if folder.is_dir() else []:
+        try:
+            outputs = json.loads(summary.read_text()).get("outputs") or {}
+            listed |= {Path(v).resolve() for v in outputs.values()}
+        except (OSError, ValueError, AttributeError):
+            continue
+    return listed
 
 
 def nifti_stem(path: Path) -> str:
     name = path.name
     for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
 
 
-def is_dicom_input(path: Path) -> bool:
+def _safe_part(part: str) -> str:
+    """A path component safe on every file system: letters, digits, ``._+-``; no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", part).lstrip(".")[:120] or "_"
+
+
+def output_keys(files: Iterable[Path], root: Path) -> dict[Path, str]:
+    """One output stem per NIfTI input, unique: its path below ``root`` without the suffix, each part
+    sanitised (``a/case.nii.gz`` -> ``a/case``); stems that still collide (``a b`` and ``a_b``, ``x.nii``
+    and ``x.nii.gz``, names differing only in case) get a hash of their relative path appended."""
+    keys: dict[Path, str] = {}
+    rels: dict[Path, str] = {}
+    root = Path(root).resolve()
+    for f in files:
+        full = Path(f).resolve()
+        rel = full.relative_to(root) if root in full.parents else Path(full.name)
+        rels[f] = rel.as_posix()
+        keys[f] = "/".join(_safe_part(p) for p in (*rel.parent.parts, nifti_stem(rel)))
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for f, k in keys.items():
+        groups[k.casefold()].append(f)
+    for same in groups.values():
+        if len(same) > 1:
+            for f in same:
+                keys[f] = f"{keys[f]}_{hashlib.sha1(rels[f].encode()).hexdigest()[:8]}"
+    return keys
+
+
+def is_dicom_input(path: Path, exclude: str | Path | None = None) -> bool:
     """A folder without NIfTI files (or a single non-NIfTI file) is taken as DICOM."""
     if path.is_file():
-        return not path.name.endswith(NIFTI_SUFFIXES)
-    return path.is_dir() and not find_nifti_inputs(path)
+        return not _is_nifti_name(path.name)
+    return path.is_dir() and not find_nifti_inputs(path, exclude)
+
+
+def dicom_output_names(key: str, formats: Sequence[str]) -> dict[str, str]:
+    """``{kind: file name}`` of a DICOM series' outputs (a new output format adds its entry here)."""
+    names = {
+        "nifti": f"{key}_seg.nii.gz",
+        "seg": f"{key}_seg.dcm",
+        "rtstruct": f"{key}_rtstruct.dcm",
+        "stats": f"{key}_statistics.json",
+        "sr": f"{key}_sr.dcm",
+    }
+    return {**{k: v for k, v in names.items() if k in formats}, "overlay": f"{key}_overlay.png"}
+
+
+def nifti_output_names(key: str) -> dict[str, str]:
+    """``{kind: file name}`` of a NIfTI image's outputs."""
+    return {"nifti": f"{key}_seg.nii.gz", "overlay": f"{key}_overlay.png"}
+
+
+def summary_name(key: str) -> str:
+    return f"{key}_summary.json"
+
+
+def check_nifti_input(path: Path, info: NiftiInfo | None = None) -> NiftiInfo:
+    """The header checks of ``inspect_nifti`` plus: one 3D volume (a one-channel model's input)."""
+    info = info or inspect_nifti(path)
+    extra = info.shape[3:]
+    if math.prod(extra) > 1:
+        raise InputError(
+            f"a {len(info.shape)}D image with {math.prod(extra)} volumes (shape {info.shape}); the model takes "
+            "one 3D image (1 channel): split the volumes and segment each",
+            path,
+        )
+    return info
 
 
 @dataclass
@@ -77,15 +196,17 @@ class SeriesResult:
     """What one series' run did.
 
     Attributes:
-        key: the output file stem (``series_<hash>`` for DICOM, the input's name for NIfTI).
+        key: the output file stem (``series_<hash>`` for DICOM, the input's relative path for NIfTI).
         kind: ``dicom`` | ``nifti``.
         selection: how the series was chosen (DICOM) or the input file name (NIfTI).
         shape: the source voxel grid ``(I, J, K)``.
         labels_present: foreground label values in the result.
-        outputs: format -> file written.
-        sent: one entry per PACS destination (``destination``, ``files``, ``attempts``).
+        outputs: format -> file written (empty when the series failed: outputs are all or nothing).
+        sent: one entry per PACS destination (``destination``, ``files``, ``attempts``, ``error`` if it failed).
         timings: seconds per stage.
         path: the predictor path (``fast`` | ``plain``) and ``note`` why the plain one.
+        status: ``ok`` | ``failed`` (outputs not written) | ``send_failed`` (outputs written, a send failed).
+        error: the one-line error when not ``ok``.
     """
 
     key: str
@@ -98,9 +219,17 @@ class SeriesResult:
     timings: dict[str, float] = field(default_factory=dict)
     path: str = "fast"
     note: str = ""
+    status: str = "ok"
+    error: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, SegappError):
+        return str(exc).splitlines()[0]
+    return f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 class Segmenter:
@@ -109,7 +238,43 @@ class Segmenter:
     def __init__(self, model: LoadedModel, fast: bool = True):
         self.model = model
         self.predictor = BundlePredictor.from_model(model, fast=fast)
+        self._stats_row: dict = {}
 
+    # -- checks before the work ------------------------------------------------------------------------
+    def network_grid(self, shape: Sequence[int], affine_ras: np.ndarray) -> tuple[int, ...] | None:
+        """The grid the bundle's preprocessing moves an image of ``shape``/``affine_ras`` to, from MONAI's
+        lazy transforms on a zero-stride tensor (no voxel allocated); None when it cannot be told."""
+        probe = MetaTensor(
+            torch.zeros((1,) * 4, dtype=torch.float32).expand(1, *(int(s) for s in shape[:3])),
+            affine=torch.as_tensor(np.asarray(affine_ras, dtype=np.float64)),
+        )
+        data = {self.predictor.image_key: probe}
+        try:
+            for t in self.predictor.core.transforms:
+                if isinstance(t, LazyTrait) and not isinstance(t, RandomizableTrait):
+                    data = cast(Any, t)(data, lazy=True)
+            return tuple(int(s) for s in data[self.predictor.image_key].peek_pending_shape())
+        except Exception as exc:  # a transform that needs the voxels: no estimate, the run decides
+            log.debug("no network-grid estimate: %s", exc)
+            return None
+
+    def check_fits(self, shape: Sequence[int], affine_ras: np.ndarray, path: str | os.PathLike) -> None:
+        """EnvError when segmenting an image of this grid would need more memory than the budget."""
+        src = math.prod(int(s) for s in shape[:3])
+        net_shape = self.network_grid(shape, affine_ras)
+        roi = self.predictor.spec.roi_size if self.predictor.spec is not None else (1, 1, 1)
+        # the sliding window pads the grid to at least one window along each axis
+        net = math.prod(max(n, r) for n, r in zip(net_shape, roi)) if net_shape else src
+        classes = max(2, len(self.model.labels))
+        plain = 0 if not self.predictor.fast_path_note() else classes * (src + net)  # full probability maps
+        need = 4 * (_SOURCE_COPIES * src + _NETWORK_COPIES * net + plain)
+        grid = " x ".join(map(str, net_shape)) if net_shape else "?"
+        check_memory(need, f"segmenting it (network grid {grid} voxels)", path)
+
+    def _check_disk(self, out: Path, shape: Sequence[int], formats: Sequence[str]) -> None:
+        check_free_space(out, estimate_output_bytes(shape, len(self.model.segments), formats))
+
+    # -- one DICOM series ------------------------------------------------------------------------------
     def dicom(
         self,
         folder: str | Path,
@@ -118,127 +283,250 @@ class Segmenter:
         series_uid: str | None = None,
         send_to: Sequence[str] = (),
         allow_generated_uids: bool = False,
+        overwrite: bool = False,
     ) -> SeriesResult:
-        """Segment one DICOM series of ``folder`` and write the requested outputs and ``<key>_summary.json``."""
-        from app.io.dicom_seg import SegmentSpec, write_seg
+        """Segment one DICOM series of ``folder``; write the requested outputs and ``<key>_summary.json``.
+
+        Raises:
+            SegappError: the series cannot be read or segmented, or an output exists (without
+                ``overwrite``): no output is written. ``SendError`` after the outputs were written
+                when a send failed (the summary records it; the files stay).
+        """
         from app.io.dicom_series import read_series
-        from app.reporting.overlay import save_overlay_png
 
         t0 = time.perf_counter()
+        out = Path(output_dir)
         volume = read_series(folder, series_uid=series_uid, rules=self.model.series_rules)
         t_read = time.perf_counter() - t0
         log.info("series: %s", volume.selection_reason)
-        pred = self.predictor.predict_metatensor(volume.to_metatensor())
-        out = Path(output_dir)
-        stem = series_key(volume.series_instance_uid)
+        key = series_key(volume.series_instance_uid)
+        result = SeriesResult(key, "dicom", volume.selection_reason, list(volume.shape), [])
+        names = dicom_output_names(key, formats)
+        refuse_existing(out, names.values(), overwrite)
+
+        def run(outs: OutputSet, times: dict[str, float]) -> Prediction:
+            self._check_disk(out, volume.shape, formats)
+            self.check_fits(volume.shape, volume.affine_ras, folder)
+            pred = self.predictor.predict_metatensor(volume.to_metatensor())
+            self._write_dicom_outputs(outs, key, names, volume, pred, allow_generated_uids, times)
+            return pred
+
+        self._segment(result, out, overwrite, run, t0, {"read_s": t_read})
+        if "stats" in result.outputs:  # the folder's table of every series (not one series' output)
+            from app.reporting.report import CSV_NAME, update_statistics_csv
+
+            result.outputs["csv"] = str(update_statistics_csv(out / CSV_NAME, self._stats_row))
+            self._write_summary(out, result)
+        dicom_files = [result.outputs[k] for k in DICOM_OUTPUTS if k in result.outputs]
+        self._send(result, out, dicom_files, send_to)
+        return result
+
+    def _write_dicom_outputs(
+        self,
+        outs: OutputSet,
+        key: str,
+        names: dict[str, str],
+        volume,
+        pred: Prediction,
+        allow_generated_uids: bool,
+        times: dict[str, float],
+    ) -> None:
+        """Every output of a DICOM series into ``outs`` (one ``writing`` block per format)."""
+        from app.io.seg_write import write_seg
+        from app.io.segments import SegmentSpec
+        from app.reporting.overlay import save_overlay_png
+
         algorithm = (self.model.name, self.model.version)
-        outputs: dict[str, str] = {}
-        times: dict[str, float] = {}
-        if "nifti" in formats:
+        if "nifti" in names:
             t = time.perf_counter()
-            outputs["nifti"] = str(save_labels_nifti(pred.labels, volume.affine_ras, out / f"{stem}_seg.nii.gz"))
+            with outs.writing("nifti", names["nifti"]) as p:
+                save_labels_nifti(pred.labels, volume.affine_ras, p)
             times["nifti_write_s"] = time.perf_counter() - t
-        if "seg" in formats:
+        if "seg" in names:
             t = time.perf_counter()
             specs = [SegmentSpec.from_dict(s) for s in self.model.segments]
-            outputs["seg"] = str(
-                write_seg(
-                    volume,
-                    pred.labels,
-                    specs,
-                    algorithm,
-                    out / f"{stem}_seg.dcm",
-                    allow_generated_uids=allow_generated_uids,
-                )
-            )
+            with outs.writing("seg", names["seg"]) as p:
+                write_seg(volume, pred.labels, specs, algorithm, p, allow_generated_uids=allow_generated_uids)
             times["seg_write_s"] = time.perf_counter() - t
-        if "rtstruct" in formats:
+        if "rtstruct" in names:
             from app.io.rtstruct import write_rtstruct
 
             t = time.perf_counter()
-            names = {int(s["label_value"]): str(s["label_name"]) for s in self.model.segments}
-            outputs["rtstruct"] = str(
+            labels = {int(s["label_value"]): str(s["label_name"]) for s in self.model.segments}
+            with outs.writing("rtstruct", names["rtstruct"]) as p:
                 write_rtstruct(
-                    volume,
-                    pred.labels,
-                    names,
-                    out / f"{stem}_rtstruct.dcm",
-                    algorithm=algorithm,
-                    allow_generated_uids=allow_generated_uids,
+                    volume, pred.labels, labels, p, algorithm=algorithm, allow_generated_uids=allow_generated_uids
                 )
-            )
             times["rtstruct_write_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        outputs["overlay"] = str(save_overlay_png(volume.array, pred.labels, out / f"{stem}_overlay.png"))
-        times["overlay_s"] = time.perf_counter() - t
-        sent = []
-        dicom_files = [outputs[k] for k in ("seg", "rtstruct") if k in outputs]
-        for dest in send_to:
-            from app.io.pacs import send
-
-            res = send(dicom_files, dest)
-            sent.append({"destination": dest, "files": len(dicom_files), "attempts": res.attempts})
-        # -- reports (formats "stats", "sr"): statistics.json + CSV row, and the SR, sent where the SEG went --
-        if {"stats", "sr"} & set(formats):
-            from app.io.pacs import send as send_report
-            from app.reporting.report import write_series_reports
+        if "stats" in names or "sr" in names:  # reports: statistics.json, and the SR of the SEG's volumes
+            from app.reporting.report import csv_row, series_statistics, write_statistics_json, write_volume_report
 
             t = time.perf_counter()
-            reports = write_series_reports(
-                volume,
-                pred.labels,
-                self.model.segments,
-                out,
-                stem,
-                formats,
-                seg_path=outputs.get("seg"),
-                algorithm=algorithm,
-            )
-            outputs.update(reports)
-            for dest in send_to if "sr" in reports else ():
-                res = send_report([reports["sr"]], dest)
-                sent.append({"destination": dest, "files": 1, "attempts": res.attempts})
+            stats = series_statistics(volume, pred.labels, self.model.segments, key)
+            if "stats" in names:
+                with outs.writing("stats", names["stats"]) as p:
+                    write_statistics_json(stats, p)
+                self._stats_row = csv_row(stats)
+            if "sr" in names:
+                with outs.writing("sr", names["sr"]) as p:
+                    write_volume_report(volume, stats, outs.staged("seg"), algorithm, p)
             times["reports_s"] = time.perf_counter() - t
-        result = SeriesResult(
-            key=stem,
-            kind="dicom",
-            selection=volume.selection_reason,
-            shape=list(volume.shape),
-            labels_present=[int(v) for v in np.unique(pred.labels) if v != 0],
-            outputs=outputs,
-            sent=sent,
-            timings={"read_s": t_read, **pred.timings, **times, "total_s": time.perf_counter() - t0},
-            path=pred.path,
-            note=pred.note,
-        )
-        atomic_write_text(out / f"{stem}_summary.json", result.to_json())
-        return result
+        t = time.perf_counter()
+        with outs.writing("overlay", names["overlay"]) as p:
+            save_overlay_png(volume.array, pred.labels, p, affine_lps=volume.affine_lps, segments=self.model.segments)
+        times["overlay_s"] = time.perf_counter() - t
 
-    def nifti(self, path: str | Path, output_dir: str | Path, stem: str | None = None) -> SeriesResult:
-        """Segment one NIfTI image: ``<stem>_seg.nii.gz`` on its grid and a PNG overlay."""
+    # -- one NIfTI image -------------------------------------------------------------------------------
+    def nifti(
+        self, path: str | Path, output_dir: str | Path, stem: str | None = None, overwrite: bool = False
+    ) -> SeriesResult:
+        """Segment one NIfTI image: ``<stem>_seg.nii.gz`` on its grid, a PNG overlay, ``<stem>_summary.json``.
+
+        ``stem`` may hold subfolders (see :func:`output_keys`); default: the file name without suffix.
+
+        Raises:
+            SegappError: the file is not a usable 3D image, does not fit, or an output exists (without
+                ``overwrite``): no output is written (the summary records the error).
+        """
         from app.reporting.overlay import save_overlay_png
 
         t0 = time.perf_counter()
         path = Path(path)
-        image = load_image_metatensor(path)
-        pred = self.predictor.predict_metatensor(image)
-        stem = stem or nifti_stem(path)
         out = Path(output_dir)
-        outputs = {
-            "nifti": str(save_labels_nifti(pred.labels, pred.affine_ras, out / f"{stem}_seg.nii.gz")),
-            "overlay": str(save_overlay_png(image[0].numpy(), pred.labels, out / f"{stem}_overlay.png")),
-        }
-        log.info(
-            "%s -> %s (%s)", path.name, outputs["nifti"], ", ".join(f"{k} {v:.2f}" for k, v in pred.timings.items())
+        key = stem or _safe_part(nifti_stem(path))
+        names = nifti_output_names(key)
+        refuse_existing(out, names.values(), overwrite)
+        result = SeriesResult(key, "nifti", path.name, [], [])
+
+        def run(outs: OutputSet, times: dict[str, float]) -> Prediction:
+            image = self.load_nifti_image(path)
+            result.shape = [int(s) for s in image.shape[1:]]
+            self._check_disk(out, result.shape, ["nifti"])
+            pred = self.predictor.predict_metatensor(image)
+            t = time.perf_counter()
+            with outs.writing("nifti", names["nifti"]) as p:
+                save_labels_nifti(pred.labels, pred.affine_ras, p)
+            with outs.writing("overlay", names["overlay"]) as p:
+                save_overlay_png(
+                    image[0].numpy(),
+                    pred.labels,
+                    p,
+                    affine_lps=LPS_TO_RAS @ pred.affine_ras,
+                    segments=self.model.segments,
+                )
+            times["write_s"] = time.perf_counter() - t
+            return pred
+
+        self._segment(result, out, overwrite, run, t0, {})
+        log.info("%s -> %s (%s)", path.name, result.outputs.get("nifti"), _timings(result.timings))
+        return result
+
+    def load_nifti_image(self, path: Path) -> MetaTensor:
+        """A NIfTI file as a ``(1, I, J, K)`` MetaTensor with its RAS affine, after every check: header
+        (``check_nifti_input``), memory for the image and for the network grid, finite voxels."""
+        from app.transforms.intensity import check_finite
+
+        info = check_nifti_input(path)
+        self.check_fits(info.shape, info.affine_ras, path)
+        array, affine_ras = load_nifti(path, max_bytes=memory_budget_bytes() // _SOURCE_COPIES)
+        array = array.reshape(info.shape[:3])  # trailing axes of size one
+        image = MetaTensor(
+            torch.as_tensor(np.asarray(array, dtype=np.float32)[None]),
+            affine=torch.as_tensor(affine_ras),
+            meta={"filename_or_obj": str(path), "space": "RAS"},
         )
-        return SeriesResult(
-            key=stem,
-            kind="nifti",
-            selection=path.name,
-            shape=list(pred.labels.shape),
-            labels_present=[int(v) for v in np.unique(pred.labels) if v != 0],
-            outputs=outputs,
-            timings={**pred.timings, "total_s": time.perf_counter() - t0},
-            path=pred.path,
-            note=pred.note,
-        )
+        check_finite(image, str(path))
+        return image
+
+    # -- shared --------------------------------------------------------------------------------------
+    def _segment(
+        self,
+        result: SeriesResult,
+        out: Path,
+        overwrite: bool,
+        run: Callable[[OutputSet, dict[str, float]], Prediction],
+        t0: float,
+        times: dict[str, float],
+    ) -> None:
+        """Run ``run`` inside one OutputSet (all outputs or none), fill ``result``, write the summary."""
+        try:
+            with OutputSet(out, overwrite=overwrite) as outs:
+                pred = run(outs, times)
+        except BaseException as exc:
+            result.status, result.error = "failed", _error_line(exc)
+            result.timings = {**times, "total_s": time.perf_counter() - t0}
+            if not isinstance(exc, KeyboardInterrupt):
+                self._write_summary(out, result)
+            raise
+        result.outputs = {k: str(v) for k, v in outs.final.items()}
+        result.labels_present = [int(v) for v in np.unique(pred.labels) if v != 0]
+        result.shape = [int(s) for s in pred.labels.shape]
+        result.timings = {**times, **pred.timings, "total_s": time.perf_counter() - t0}
+        result.path, result.note = pred.path, pred.note
+        self._write_summary(out, result)
+
+    def _send(self, result: SeriesResult, out: Path, files: list[str], send_to: Sequence[str]) -> None:
+        """Send after the outputs exist; a failed send keeps them, is recorded, and raised at the end."""
+        from app.io.pacs import SendError, send
+
+        first: SendError | None = None
+        for dest in send_to:
+            try:
+                res = send(files, dest)
+                result.sent.append({"destination": dest, "files": len(files), "attempts": res.attempts})
+            except SendError as exc:
+                result.sent.append({"destination": dest, "files": len(files), "error": _error_line(exc)})
+                first = first or exc
+        if send_to:
+            if first is not None:
+                result.status, result.error = "send_failed", _error_line(first)
+            self._write_summary(out, result)
+        if first is not None:
+            raise first
+
+    @staticmethod
+    def _write_summary(out: Path, result: SeriesResult) -> None:
+        try:
+            atomic_write_text(out / summary_name(result.key), result.to_json())
+        except OSError as exc:  # the summary is a record: never hide the real error behind its own
+            log.warning("cannot write %s: %s", out / summary_name(result.key), exc)
+            if result.status == "ok":
+                raise env_error(exc, "cannot write the summary", out / summary_name(result.key)) from exc
+
+
+def _timings(t: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in t.items())
+
+
+@dataclass
+class NiftiJob:
+    """One NIfTI input of ``segapp infer`` and its output stem."""
+
+    path: Path
+    key: str
+    info: NiftiInfo | None = None
+
+
+def plan_nifti_jobs(source: str | Path, output: str | Path, overwrite: bool = False) -> list[NiftiJob]:
+    """Every NIfTI input under ``source`` with a unique output stem, checked before any work: headers
+    (``check_nifti_input``), existing outputs (without ``overwrite``) and the disk space they need.
+
+    Raises:
+        InputError: no NIfTI inputs, or one that is not a usable 3D image (naming it).
+        ConfigError: an output exists. EnvError: not enough free space.
+    """
+    src, out = Path(source), Path(output)
+    files = find_nifti_inputs(src, exclude=out)
+    if not files:
+        raise InputError("no NIfTI files (.nii, .nii.gz) found", src)
+    keys = output_keys(files, src if src.is_dir() else src.parent)
+    jobs = [NiftiJob(f, keys[f]) for f in files]
+    for job in jobs:
+        refuse_existing(out, nifti_output_names(job.key).values(), overwrite)
+    need = 0
+    for job in jobs:
+        job.info = check_nifti_input(job.path)
+        need += estimate_output_bytes(job.info.shape, 0, ["nifti"])
+    check_free_space(out, need, f"the outputs of {len(jobs)} image(s)")
+    log.info("%d NIfTI input(s), outputs need about %s", len(jobs), format_bytes(need))
+    return jobs

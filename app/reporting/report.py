@@ -1,8 +1,9 @@
 """The per-series report files: ``<stem>_statistics.json``, a row of ``statistics.csv``, and a DICOM SR.
 
-:func:`write_series_reports` is what ``Segmenter.dicom`` calls for the output formats ``stats`` and
-``sr``. The SR (``<stem>_sr.dcm``, TID 1500, see ``app.io.dicom_sr``) holds each SEG segment's
-volume and references that segment, so it needs the SEG written in the same run.
+``Segmenter.dicom`` (``app.inference.pipeline``) writes them for the output formats ``stats`` and
+``sr``, inside the series' all-or-nothing output set. The SR (``<stem>_sr.dcm``, TID 1500, see
+``app.io.dicom_sr``) holds each SEG segment's volume and references that segment, so it needs the
+SEG written in the same run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from app.errors import ConfigError, DicomError
+from app.errors import DicomError
 from app.io.volume import SeriesVolume
 from app.reporting.statistics import (
     SeriesStatistics,
@@ -25,8 +26,16 @@ from app.reporting.statistics import (
     write_statistics_json,
 )
 
-REPORT_FORMATS = ("stats", "sr")
 CSV_NAME = "statistics.csv"
+__all__ = [
+    "CSV_NAME",
+    "csv_row",
+    "series_statistics",
+    "update_statistics_csv",
+    "write_statistics_json",
+    "write_volume_report",
+    "intensity_units",
+]
 
 
 def series_statistics(
@@ -58,35 +67,17 @@ def seg_segment_numbers(seg_path: str | Path, stats: SeriesStatistics) -> dict[i
     return out
 
 
-def write_series_reports(
+def write_volume_report(
     volume: SeriesVolume,
-    labels_ijk: np.ndarray,
-    segments: Sequence[Mapping[str, Any]],
-    output_dir: str | Path,
-    stem: str,
-    formats: Sequence[str],
-    *,
-    seg_path: str | Path | None = None,
-    algorithm: tuple[str, str] = ("segapp", "0"),
-) -> dict[str, str]:
-    """Write the reports asked for in ``formats`` and return ``{"stats": json, "csv": table, "sr": file}``.
-
-    ``stats``: ``OUTPUT/<stem>_statistics.json`` and the series' row in ``OUTPUT/statistics.csv``.
-    ``sr``: ``OUTPUT/<stem>_sr.dcm``; needs ``seg_path`` (the SEG of these labels).
-    """
+    stats: SeriesStatistics,
+    seg_path: str | Path,
+    algorithm: tuple[str, str],
+    output_path: str | Path,
+) -> Path:
+    """The SR of each SEG segment's volume (mL), referencing the SEG's segments and the source images."""
     from app.io.dicom_sr import write_volume_sr
 
-    out = Path(output_dir)
-    stats = series_statistics(volume, labels_ijk, segments, stem)
-    written: dict[str, str] = {}
-    if "stats" in formats:
-        written["stats"] = str(write_statistics_json(stats, out / f"{stem}_statistics.json"))
-        written["csv"] = str(update_statistics_csv(out / CSV_NAME, csv_row(stats)))
-    if "sr" in formats:
-        if seg_path is None:
-            raise ConfigError("the SR references the SEG's segments: ask for seg too (--format seg,sr)", "--format")
-        numbers = seg_segment_numbers(seg_path, stats)
-        volumes = {numbers[s.label_value]: s.volume_ml for s in stats.segments if s.label_value in numbers}
-        sources = list({id(d): d for d in volume.datasets}.values())  # one per instance (multi-frame: once)
-        written["sr"] = str(write_volume_sr(seg_path, sources, volumes, algorithm, out / f"{stem}_sr.dcm"))
-    return written
+    numbers = seg_segment_numbers(seg_path, stats)
+    volumes = {numbers[s.label_value]: s.volume_ml for s in stats.segments if s.label_value in numbers}
+    sources = list({id(d): d for d in volume.datasets}.values())  # one per instance (multi-frame: once)
+    return write_volume_sr(seg_path, sources, volumes, algorithm, output_path)

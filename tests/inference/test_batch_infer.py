@@ -102,12 +102,17 @@ def test_batch_one_process_failures_isolated_rerun_skips(tmp_path, inputs, run):
 
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     res = infer_batch(None, str(root), str(out), run=str(run), device="cpu")
-    assert res["counts"] == {"ok": 0, "failed": 0, "skipped": 6}
+    # the corrupt series is not run again but still counts as failed, with its old error
+    assert res["counts"] == {"ok": 0, "failed": 1, "skipped": 5}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == markers  # nothing redone
     again = _rows(out)
     assert again[str(info["good"][0].folder)]["error"] == "already done"
     assert again[str(info["good"][0].folder)]["outputs"] == first[str(info["good"][0].folder)]["outputs"]
-    assert "failed before" in again[str(info["bad"].folder)]["error"]
+    bad = again[str(info["bad"].folder)]
+    assert bad["status"] == "failed"
+    assert (
+        bad["error"] == "failed before (use --retry-failed to run it again): " + first[str(info["bad"].folder)]["error"]
+    )
 
     # --retry-failed runs the corrupt series again (and it fails again, with its error).
     res = infer_batch(None, str(root), str(out), run=str(run), device="cpu", retry_failed=True)

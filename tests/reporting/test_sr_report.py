@@ -18,10 +18,11 @@ from orthanc_server import orthanc  # noqa: F401  (session fixture)
 
 from app.cli import main
 from app.errors import ConfigError, DicomError
+from app.inference.pipeline import parse_formats
 from app.io.dicom_seg import SegmentSpec, write_seg
 from app.io.dicom_series import read_series
 from app.io.dicom_sr import read_volume_sr, write_volume_sr
-from app.reporting.report import write_series_reports
+from app.reporting.report import csv_row, series_statistics, write_statistics_json, write_volume_report
 
 SEGMENTS = [
     {"label_value": 1, "label_name": "box", "category_code": ["123037004", "SCT", "Anatomical Structure"],
@@ -39,10 +40,12 @@ def test_sr_volumes_reference_the_seg_segments(tmp_path, orientation):
     seg_path = write_seg(
         vol, info.mask_ijk, [SegmentSpec.from_dict(s) for s in SEGMENTS], ("net", "1"), tmp_path / "s.dcm"
     )
-    out = write_series_reports(
-        vol, info.mask_ijk, SEGMENTS, tmp_path, "series_x", ["stats", "sr"], seg_path=seg_path, algorithm=("net", "1")
-    )
-    assert set(out) == {"stats", "csv", "sr"}
+    stats_ = series_statistics(vol, info.mask_ijk, SEGMENTS, "series_x")
+    out = {
+        "stats": write_statistics_json(stats_, tmp_path / "series_x_statistics.json"),
+        "sr": write_volume_report(vol, stats_, seg_path, ("net", "1"), tmp_path / "series_x_sr.dcm"),
+    }
+    assert csv_row(stats_)["key"] == "series_x"
     assert_dciodvfy_clean(out["sr"])
     seg = pydicom.dcmread(seg_path)
     sr = pydicom.dcmread(out["sr"])
@@ -73,7 +76,7 @@ def test_sr_needs_the_seg(tmp_path):
     info = write_phantom_series(tmp_path / "ct", shape=(8, 8, 6))
     vol = read_series(tmp_path / "ct")
     with pytest.raises(ConfigError, match="seg"):
-        write_series_reports(vol, info.mask_ijk, SEGMENTS, tmp_path, "k", ["sr"])
+        parse_formats("nifti,sr", dicom=True)
     with pytest.raises(DicomError, match="not a DICOM SEG"):
         write_volume_sr(info.files[0], vol.datasets, {1: 1.0}, ("n", "1"), tmp_path / "sr.dcm")
     seg = write_seg(vol, info.mask_ijk, [SegmentSpec.from_dict(s) for s in SEGMENTS], ("n", "1"), tmp_path / "s.dcm")
