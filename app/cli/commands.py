@@ -219,6 +219,8 @@ def _infer(a, src: Path) -> int:
             a.send or (),
             allow_generated_uids=a.allow_generated_uids,
             overwrite=a.overwrite,
+            study_uid=a.study_uid,
+            volume_number=a.volume,
         )
         print("series:  " + res.selection)
         _print_series(res)
@@ -287,6 +289,31 @@ def serve(a) -> int:
         node.wait()
     finally:
         node.stop()
+    return 0
+
+
+def list_series(a) -> int:
+    from app.io.dicom_scan import scan
+    from app.io.dicom_select import list_series as rows_of
+
+    src = Path(a.folder)
+    if not src.exists():
+        raise InputError("input not found", str(src))
+    rows = rows_of(scan(src).series)
+    if a.json:
+        _print_json(rows)
+        return 0
+    print("key | modality | description | slices | volumes x echoes | size | plane")
+    for r in rows:
+        keys = (
+            r["key"]
+            if len(r["selectable_keys"]) == 1
+            else f"{r['key']} (choose one of {', '.join(r['selectable_keys'])})"
+        )
+        print(
+            f"{keys} | {r['modality'] or '?'} | {r['description']!r} | {r['n_slices']} | "
+            f"{r['n_volumes']} x {r['n_echoes']} | {r['columns']}x{r['rows']} | {r['orientation']}"
+        )
     return 0
 
 

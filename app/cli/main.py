@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of nifti,seg,rtstruct and the reports stats (statistics.json + CSV row), sr (DICOM SR "
         "of the SEG's volumes) (DICOM input; default nifti,seg)",
     )
-    i.add_argument("--series-uid", help="DICOM series to use when the folder holds several")
+    i.add_argument(
+        "--series-uid", help="DICOM series (or stack key: UID#volN, UID#echoE) when the folder holds several"
+    )
+    i.add_argument("--study-uid", help="DICOM study to use when the folder holds several studies")
+    i.add_argument("--volume", type=int, help="volume N (1-based) of a 4D series")
     i.add_argument("--segments", help="JSON list of DICOM segment descriptions overriding the bundle's")
     i.add_argument("--send", action="append", help="dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT (repeatable)")
     i.add_argument(
@@ -172,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--config", required=True, help="node config, TOML or YAML (see docs/node.md)")
     sv.set_defaults(func=c.serve)
+
+    ls = sub.add_parser("list-series", help="the DICOM series and stacks in a folder (no patient data)")
+    ls.add_argument("folder")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=c.list_series)
 
     s = sub.add_parser("seg2nifti", help="read a DICOM SEG onto its source series' grid, write NIfTI")
     s.add_argument("seg")

@@ -44,6 +44,7 @@ from app.bundle.store import find_bundle
 from app.errors import ConfigError, DicomError, InputError, SegappError
 from app.inference.pipeline import Segmenter, find_nifti_inputs, parse_formats, series_key, summary_name
 from app.io.atomic import atomic_write_text
+from app.io.dicom_scan import scan_files
 from app.runtime.preflight import check_device, check_output_dir
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ def _process(item: WorkItem, fp: str) -> dict:
                 spec["send"],
                 spec["allow_generated_uids"],
                 overwrite=True,  # no marker: whatever an earlier, interrupted attempt left is replaced
+                # only this item's files are read (the series' folder may hold many others)
+                scan=scan_files(item.files, root=item.input) if item.series and item.files else None,
             )
         else:
             res = segmenter.nifti(item.input, out, overwrite=True)

@@ -284,8 +284,15 @@ class Segmenter:
         send_to: Sequence[str] = (),
         allow_generated_uids: bool = False,
         overwrite: bool = False,
+        study_uid: str | None = None,
+        volume_number: int | None = None,
+        scan=None,
     ) -> SeriesResult:
         """Segment one DICOM series of ``folder``; write the requested outputs and ``<key>_summary.json``.
+
+        ``series_uid`` / ``study_uid`` / ``volume_number`` choose the stack as in
+        ``app.io.dicom_series.read_series`` (``--series-uid``, ``--study-uid``, ``--volume``); ``scan`` is a
+        scan of ``folder`` already made (it is not scanned again).
 
         Raises:
             SegappError: the series cannot be read or segmented, or an output exists (without
@@ -296,10 +303,17 @@ class Segmenter:
 
         t0 = time.perf_counter()
         out = Path(output_dir)
-        volume = read_series(folder, series_uid=series_uid, rules=self.model.series_rules)
+        volume = read_series(
+            folder,
+            series_uid=series_uid,
+            rules=self.model.series_rules,
+            study_uid=study_uid,
+            volume=volume_number,
+            scan=scan,
+        )
         t_read = time.perf_counter() - t0
         log.info("series: %s", volume.selection_reason)
-        key = series_key(volume.series_instance_uid)
+        key = series_key(volume.stack_key or volume.series_instance_uid)  # one volume of a 4D series: its own
         result = SeriesResult(key, "dicom", volume.selection_reason, list(volume.shape), [])
         names = dicom_output_names(key, formats)
         refuse_existing(out, names.values(), overwrite)

@@ -245,6 +245,7 @@ def read_series_info(
         datasets=[s.header for s in slices],
         frame_numbers=[s.frame for s in slices],
         series_instance_uid=info.uid,
+        stack_key=info.key,
         selection_reason=selection_reason,
         source_files=[s.file for s in slices],
         tile_numbers=[(s.tile or 0) + 1 for s in slices] if slices[0].tile is not None else [],

@@ -86,9 +86,16 @@ def check_volume_matches_headers(volume: SeriesVolume) -> np.ndarray:
         ``(K, 3)`` the source ImagePositionPatient (LPS mm) of every slice ``k``.
 
     Raises:
-        DicomError: a slice without position/orientation. InputError: the affine disagrees with a
-        slice's position (by more than a quarter slice) or orientation.
+        DicomError: a slice without position/orientation, or a Siemens mosaic (its slices are tiles of
+        one image, which a SEG frame or an RTSTRUCT contour cannot reference). InputError: the affine
+        disagrees with a slice's position (by more than a quarter slice) or orientation.
     """
+    if volume.tile_numbers:
+        raise DicomError(
+            "a Siemens mosaic: its slices are tiles of one image, which DICOM SEG frames and RTSTRUCT contours "
+            "cannot reference; write NIfTI instead (--format nifti)",
+            path=volume.source_files[0] if volume.source_files else None,
+        )
     affine = np.asarray(volume.affine_lps, dtype=np.float64)
     spacing = voxel_spacing(affine)
     n = len(volume.datasets)

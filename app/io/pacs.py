@@ -98,7 +98,9 @@ def parse_destination(destination: str) -> Destination:
     )
 
 
-def _store_dimse(dest: Destination, files: list[Path], timeout_s: float) -> tuple[list[Path], list[str]]:
+def _store_dimse(
+    dest: Destination, files: list[Path], timeout_s: float, calling_aet: str = CALLING_AET
+) -> tuple[list[Path], list[str]]:
     """C-STORE ``files`` over one association; return (stored, problems)."""
     from pynetdicom import AE
 
@@ -112,7 +114,7 @@ def _store_dimse(dest: Destination, files: list[Path], timeout_s: float) -> tupl
         for t in (ts, *(_UNCOMPRESSED if ts in _UNCOMPRESSED else ())):
             if t not in wanted:
                 wanted.append(t)
-    ae = AE(ae_title=CALLING_AET)
+    ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
     for sop_class, syntaxes in contexts.items():
@@ -137,7 +139,9 @@ def _store_dimse(dest: Destination, files: list[Path], timeout_s: float) -> tupl
     return stored, problems
 
 
-def _store_dicomweb(dest: Destination, files: list[Path], timeout_s: float) -> tuple[list[Path], list[str]]:
+def _store_dicomweb(
+    dest: Destination, files: list[Path], timeout_s: float, calling_aet: str = CALLING_AET
+) -> tuple[list[Path], list[str]]:
     """STOW-RS ``files`` in one request; return (stored, problems)."""
     import requests
     from dicomweb_client.api import DICOMwebClient
@@ -175,6 +179,7 @@ def send(
     retries: int = 3,
     backoff_s: float = 0.5,
     timeout_s: float = 30.0,
+    calling_aet: str = CALLING_AET,
 ) -> SendResult:
     """Send DICOM ``files`` to ``destination`` (see module docstring for the URL forms).
 
@@ -184,6 +189,7 @@ def send(
         retries: extra attempts after the first for files not yet stored.
         backoff_s: wait before retry ``n`` is ``backoff_s * 2**(n-1)`` seconds.
         timeout_s: network timeout per operation, seconds.
+        calling_aet: our AE title in a C-STORE association (DICOMweb has none).
 
     Returns:
         SendResult listing the stored files and their SOP Instance UIDs.
@@ -215,7 +221,7 @@ def send(
             time.sleep(delay)
         result.attempts = attempt + 1
         try:
-            stored, problems = store(dest, pending, timeout_s)
+            stored, problems = store(dest, pending, timeout_s, calling_aet)
         except (OSError, RuntimeError, ValueError) as exc:  # socket errors, pynetdicom/dicomweb issues
             stored, problems = [], [f"{type(exc).__name__}: {_short(exc)}"]
         result.sent.extend(stored)

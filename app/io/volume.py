@@ -24,6 +24,8 @@ class SeriesVolume:
         frame_numbers: 1-based frame number in ``datasets[k]`` for each slice (all 1 for
             single-frame series).
         series_instance_uid: the series' UID ('' when the files carry none).
+        stack_key: the scan's key of the stack read (``UID``, or ``UID#vol2`` / ``UID#echo1`` for one volume
+            or echo of a 4D / multi-echo series): what outputs are named after.
         selection_reason: human-readable note on why this series was chosen.
         source_files: the file path of each slice, in ``k`` order.
         tile_numbers: for a Siemens mosaic, the 1-based tile (in the mosaic image of
@@ -37,6 +39,7 @@ class SeriesVolume:
     datasets: list = field(default_factory=list)
     frame_numbers: list[int] = field(default_factory=list)
     series_instance_uid: str = ""
+    stack_key: str = ""
     selection_reason: str = ""
     source_files: list[str] = field(default_factory=list)
     tile_numbers: list[int] = field(default_factory=list)

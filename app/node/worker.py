@@ -115,7 +115,7 @@ class Runner:
         files = [outputs[k] for k in DICOM_OUTPUTS if k in outputs]
         sent = []
         for dest in self.cfg.destinations_for(job.bundle) if files else ():
-            res = send(files, dest, retries=self.cfg.send_retries)
+            res = send(files, dest, retries=self.cfg.send_retries, calling_aet=self.cfg.ae_title)
             sent.append({"destination": res.destination, "files": len(files), "attempts": res.attempts})
         return sent
 

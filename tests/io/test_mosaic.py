@@ -182,3 +182,18 @@ def test_fmri_mosaics_are_volumes_of_a_4d_series(tmp_path):
         assert vol.source_files == [str(info.files[v - 1])] * 7
     vol = read_series(tmp_path, volume=2, scan=result)
     np.testing.assert_array_equal(vol.array, info.array_ijk + 50)
+
+
+def test_seg_and_rtstruct_of_a_mosaic_are_refused_in_one_line(real_data, tmp_path):
+    from app.errors import DicomError
+    from app.io.rtstruct import write_rtstruct
+    from app.io.seg_write import write_seg
+    from app.io.segments import SegmentSpec
+
+    vol = read_series(real_data / "dicom_transfer_syntaxes" / "In" / "1.dcm")
+    labels = (vol.array > vol.array.mean()).astype(np.uint8)
+    with pytest.raises(DicomError, match="Siemens mosaic.*--format nifti"):
+        write_seg(vol, labels, [SegmentSpec(1, "x")], ("t", "1"), tmp_path / "s.dcm")
+    with pytest.raises(DicomError, match="Siemens mosaic"):
+        write_rtstruct(vol, labels, {1: "x"}, tmp_path / "r.dcm")
+    assert not list(tmp_path.iterdir())
