@@ -30,7 +30,7 @@ from app.node.status import StatusServer, snapshot
 CONFIG = """
 [node]
 ae_title = "SEGNODE"
-allowed_calling_aets = ["SEGAPP", "MODALITY"]
+allowed_calling_aets = ["SEGAPP", "MODALITY", "SEGNODE"]  # SEGNODE: the node sends results as itself
 [bundles.hippo]
 bundle = "hippocampus_unet3d"
 [bundles.other]
