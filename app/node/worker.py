@@ -186,8 +186,8 @@ def worker_main(
         runner.segmenter(first)
         import highdicom  # noqa: F401  (seconds of imports on a busy CPU, once)
 
-        import app.io.dicom_seg  # noqa: F401
         import app.io.dicom_sr  # noqa: F401
+        import app.io.seg_write  # noqa: F401
         import app.reporting.report  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - report it; each of its jobs will fail with the message
         log.error("bundle %s cannot be loaded: %s (its jobs will fail with this message)", first, one_line(exc))

@@ -36,9 +36,10 @@ from dicom_phantoms import write_phantom_series
 from ohif_viewer import OhifServer, SetupError, labelmap_on_grid, run_check, run_setup
 from orthanc_server import orthanc  # noqa: F401  (session fixture)
 
-from app.io.dicom_seg import SegmentSpec, write_seg
 from app.io.dicom_series import read_series
 from app.io.pacs import send
+from app.io.seg_write import write_seg
+from app.io.segments import SegmentSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.viewer]
 

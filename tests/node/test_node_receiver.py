@@ -163,8 +163,9 @@ def test_routing(receiver, tmp_path):
     assert (d.state, d.bundle, d.route) == ("pending", "other", "route #1 (description_regex=^liver, modality=CT)")
     head = write_phantom_series(tmp_path / "head", series_description="head")
     assert route_series(str(head.folder), head.series_uid, cfg, rules).state == "skipped"
-    from app.io.dicom_seg import SegmentSpec, write_seg
     from app.io.dicom_series import read_series
+    from app.io.seg_write import write_seg
+    from app.io.segments import SegmentSpec
 
     seg_dir = tmp_path / "seg"
     seg_dir.mkdir()
@@ -193,8 +194,9 @@ def test_one_node_per_state_folder(tmp_path):
 def test_a_resumed_job_sends_its_recorded_outputs_without_computing(receiver, tmp_path):
     import dataclasses
 
-    from app.io.dicom_seg import SegmentSpec, write_seg
     from app.io.dicom_series import read_series
+    from app.io.seg_write import write_seg
+    from app.io.segments import SegmentSpec
     from app.node.queue import Job
     from app.node.worker import Runner
 

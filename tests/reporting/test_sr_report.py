@@ -19,9 +19,10 @@ from orthanc_server import orthanc  # noqa: F401  (session fixture)
 from app.cli import main
 from app.errors import ConfigError, DicomError
 from app.inference.pipeline import parse_formats
-from app.io.dicom_seg import SegmentSpec, write_seg
 from app.io.dicom_series import read_series
 from app.io.dicom_sr import read_volume_sr, write_volume_sr
+from app.io.seg_write import write_seg
+from app.io.segments import SegmentSpec
 from app.reporting.report import csv_row, series_statistics, write_statistics_json, write_volume_report
 
 SEGMENTS = [
