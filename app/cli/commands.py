@@ -209,7 +209,7 @@ def _infer(a, src: Path) -> int:
         trust=a.trust_bundle,
         segments_file=a.segments,
     )
-    segmenter = Segmenter(model)
+    segmenter = Segmenter(model, seg_type=a.seg_type)
     if dicom:
         res = segmenter.dicom(
             src,

@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--study-uid", help="DICOM study to use when the folder holds several studies")
     i.add_argument("--volume", type=int, help="volume N (1-based) of a 4D series")
     i.add_argument("--segments", help="JSON list of DICOM segment descriptions overriding the bundle's")
+    i.add_argument(
+        "--seg-type",
+        choices=("binary", "labelmap"),
+        default="binary",
+        help="DICOM SEG type: binary (default; every viewer) or labelmap (one frame per slice; newer viewers)",
+    )
     i.add_argument("--send", action="append", help="dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT (repeatable)")
     i.add_argument(
         "--allow-generated-uids",

@@ -235,9 +235,13 @@ def _error_line(exc: BaseException) -> str:
 class Segmenter:
     """A loaded model ready to segment series one after the other (one predictor, built once)."""
 
-    def __init__(self, model: LoadedModel, fast: bool = True):
+    def __init__(self, model: LoadedModel, fast: bool = True, seg_type: str = "binary"):
+        """``seg_type``: ``binary`` (BINARY SEG, default) or ``labelmap`` (Label Map SEG, one frame per slice)."""
+        if seg_type not in ("binary", "labelmap"):
+            raise ConfigError(f"SEG type must be binary or labelmap, got {seg_type!r}", "--seg-type")
         self.model = model
         self.predictor = BundlePredictor.from_model(model, fast=fast)
+        self.seg_type = seg_type.upper()
         self._stats_row: dict = {}
 
     # -- checks before the work ------------------------------------------------------------------------
@@ -360,7 +364,15 @@ class Segmenter:
             t = time.perf_counter()
             specs = [SegmentSpec.from_dict(s) for s in self.model.segments]
             with outs.writing("seg", names["seg"]) as p:
-                write_seg(volume, pred.labels, specs, algorithm, p, allow_generated_uids=allow_generated_uids)
+                write_seg(
+                    volume,
+                    pred.labels,
+                    specs,
+                    algorithm,
+                    p,
+                    allow_generated_uids=allow_generated_uids,
+                    segmentation_type=cast(Any, self.seg_type),
+                )
             times["seg_write_s"] = time.perf_counter() - t
         if "rtstruct" in names:
             from app.io.rtstruct import write_rtstruct

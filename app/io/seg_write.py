@@ -107,6 +107,16 @@ def write_seg(
             "the fast engine writes BINARY in Explicit/Implicit VR Little Endian"
         )
     positions_lps = check_volume_matches_headers(volume)
+    if segmentation_type == "BINARY" and (volume.shape[0] * volume.shape[1]) % 8:
+        # the standard packs BINARY frames back to back, so frames then start mid-byte; OHIF 3.13's dcmjs
+        # reads such frames bit-reversed and shows them scrambled without an error (tests/integration/
+        # test_ohif_viewer.py pins it): say so, and name the way out
+        logger.warning(
+            "SEG frames of %d x %d pixels are not a whole number of bytes: correct DICOM, but OHIF (dcmjs <= 0.52) "
+            "displays such BINARY SEGs scrambled; --seg-type labelmap avoids it for viewers that read LABELMAP",
+            volume.shape[1],
+            volume.shape[0],
+        )
     descriptions = segment_descriptions(specs, algorithm)
     header_args: dict[str, Any] = {
         "series_number": int(series_number),

@@ -129,3 +129,38 @@ def test_one_volume_of_a_4d_series_by_key_or_number(tmp_path, model_args, capsys
     assert all("vol" in s["selection"] or "volume" in s["selection"] for s in summaries), summaries
     segs = [np.asarray(nib.load(p).dataobj) for p in sorted(out.glob("*_seg.nii.gz"))]
     assert all(s.shape == (24, 20, 10) for s in segs)
+
+
+def test_seg_type_labelmap_and_the_unaligned_binary_warning(tmp_path, model_args, caplog):
+    import pydicom
+
+    write_phantom_series(tmp_path / "in", modality="MR", rescale=(1.0, 0.0), shape=(25, 21, 10))  # 525 px: not /8
+    args = [a if a != "nifti" else "seg" for a in model_args]
+    with caplog.at_level("WARNING", logger="app.io.seg_write"):
+        assert (
+            main(
+                ["infer", "hippocampus_unet3d", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "b"), *args]
+            )
+            == 0
+        )
+    assert "not a whole number of bytes" in caplog.text and "--seg-type labelmap" in caplog.text
+    assert (
+        main(
+            [
+                "infer",
+                "hippocampus_unet3d",
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(tmp_path / "l"),
+                "--seg-type",
+                "labelmap",
+                *args,
+            ]
+        )
+        == 0
+    )
+    (binary,), (labelmap,) = list((tmp_path / "b").glob("*_seg.dcm")), list((tmp_path / "l").glob("*_seg.dcm"))
+    assert pydicom.dcmread(binary).SegmentationType == "BINARY"
+    seg = pydicom.dcmread(labelmap)
+    assert seg.SegmentationType == "LABELMAP" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
