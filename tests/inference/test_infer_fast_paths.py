@@ -306,3 +306,65 @@ def test_identity_grid_fast_equals_plain(threshold_predictor):
     plain = threshold_predictor.predict_metatensor(image, fast=False)
     np.testing.assert_array_equal(fast.labels, plain.labels)
     assert json.dumps(threshold_predictor.last_stats["net_shape"]) == "[40, 34, 28]"
+
+
+def _predictor(preprocessing, post=None, threshold: float = 0.0) -> BundlePredictor:
+    from monai.inferers import SlidingWindowInferer
+    from nets_for_tests import ThresholdNet
+
+    inferer = SlidingWindowInferer((32, 32, 16), 2, 0.25)
+    return BundlePredictor(ThresholdNet(threshold), preprocessing, inferer, "cpu", postprocessing=post)
+
+
+def test_spacing_padding_mode_survives_an_orientation_before_it(tmp_path):
+    """Orientationd records no padding mode; the fast path must still resample (and later go back)
+    with Spacingd's ``zeros``, as MONAI does, not with the default ``border``."""
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    write_phantom_series(tmp_path / "s", orientation="oblique", shape=(40, 36, 12), spacing=(0.7, 0.9, 2.5))
+    image = read_series(tmp_path / "s").to_metatensor()
+    transforms = [
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(0.8, 0.8, 0.8), padding_mode="zeros"),
+    ]
+    predictor = _predictor(transforms)
+    ours, padding = predictor._preprocess_on_device(image)
+    assert padding == "zeros" and predictor.preprocess_note == ""
+    ref = Compose(transforms)({"image": image})["image"]
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4)
+
+
+def test_a_crop_in_the_preprocessing_takes_the_plain_path(tmp_path):
+    """CropForegroundd computes its box from the voxels (after the pending resampling), and MONAI's
+    Invertd pads the crop back with background, which the fused way back cannot do: plain path."""
+    from monai.transforms import Activationsd, AsDiscreted, Compose, CropForegroundd, Invertd, Spacingd
+
+    write_phantom_series(tmp_path / "s", orientation="sagittal", shape=(40, 36, 24), spacing=(0.7, 0.9, 1.3))
+    image = read_series(tmp_path / "s").to_metatensor()
+    transforms = [
+        Spacingd(keys="image", pixdim=(1.0, 1.0, 1.0)),
+        CropForegroundd(keys="image", source_key="image", select_fn=lambda x: x > -900, margin=3),
+    ]
+    pre = Compose(transforms)
+    post = Compose(
+        [
+            Activationsd(keys="pred", softmax=True),
+            Invertd(keys="pred", transform=pre, orig_keys="image"),
+            AsDiscreted(keys="pred", argmax=True),
+        ]
+    )
+    predictor = _predictor(transforms, post, threshold=-950.0)
+    ours, _ = predictor._preprocess_on_device(image)
+    ref = pre({"image": image})["image"]
+    assert tuple(ours.shape) == tuple(ref.shape)  # the box from the resampled voxels, as MONAI finds it
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
+    assert "crops" in predictor.preprocess_note
+    pred = predictor.predict_metatensor(image)
+    assert pred.path == "plain" and "CropForeground" in pred.note
+    # MONAI's own chain: preprocessing, inferer, postprocessing (Invertd pads the crop with background)
+    with torch.no_grad():
+        logits = predictor.inferer(ref[None], predictor.network)[0]
+    theirs = post({"image": ref, "pred": logits})["pred"][0].numpy()
+    assert 100 < (theirs == 1).sum() < theirs.size / 2
+    np.testing.assert_array_equal(pred.labels, theirs)
