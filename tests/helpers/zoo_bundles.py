@@ -131,3 +131,15 @@ def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
     x, y = a == label, b == label
     denom = int(x.sum()) + int(y.sum())
     return 1.0 if denom == 0 else 2.0 * float((x & y).sum()) / denom
+
+
+def small_spleen(dst: Path, seed: int = 0) -> Path:
+    """The zoo's spleen bundle with a small UNet (channels 4, 8; one residual unit) and seeded weights:
+    the zoo's layout, configs and code, at a cost of seconds on a CPU."""
+    root = copy_spleen(dst)
+    path = root / "configs" / "inference.json"
+    cfg = json.loads(path.read_text())
+    cfg["network_def"].update(channels=[4, 8], strides=[2], num_res_units=1)
+    write_json(path, cfg)
+    seeded_weights(root, seed)
+    return root
