@@ -113,7 +113,7 @@ def _parsed(parser: ConfigParser, key: str, where: Path, required: bool = True) 
     except SegappError:
         raise
     except Exception as exc:  # the bundle's own code failed: name the config and the key
-        cause = exc
+        cause: BaseException = exc
         while cause.__cause__ is not None and not isinstance(cause, SegappError):
             cause = cause.__cause__
         if isinstance(cause, SegappError):
@@ -168,7 +168,7 @@ def load_model(
     dev = resolve_device(device)
     # reading and merging the configs runs nothing (macros are file reads); parsing content does
     parser = bundle_parser(ref.root, [str(config_file), *configs], overrides, only_known=only_known_overrides)
-    check_network_def(parser.config.get("network_def"), str(config_file))
+    check_network_def(parser.get("network_def"), str(config_file))
     require_trusted(ref, trust)  # nothing of the bundle's code has run before this line
     parser["device"] = dev
     network = _parsed(parser, "network_def", config_file)
