@@ -368,3 +368,18 @@ def test_a_crop_in_the_preprocessing_takes_the_plain_path(tmp_path):
     theirs = post({"image": ref, "pred": logits})["pred"][0].numpy()
     assert 100 < (theirs == 1).sum() < theirs.size / 2
     np.testing.assert_array_equal(pred.labels, theirs)
+
+
+@pytest.mark.parametrize(
+    "spacing,why", [({"mode": "nearest"}, "mode ['nearest']"), ({"padding_mode": "reflection"}, "['reflection']")]
+)
+def test_resampling_that_invertd_undoes_otherwise_takes_the_plain_path(tmp_path, spacing, why):
+    """Invertd inverts a Spacingd with its own mode and padding; the fused way back is trilinear with
+    zeros or border padding, so other settings go MONAI's way."""
+    from monai.transforms import Spacingd
+
+    write_phantom_series(tmp_path / "s", orientation="coronal", shape=(30, 28, 12), spacing=(0.7, 0.9, 2.0))
+    image = read_series(tmp_path / "s").to_metatensor()
+    pred = _predictor([Spacingd(keys="image", pixdim=(1.0, 1.0, 1.0), **spacing)]).predict_metatensor(image)
+    assert pred.path == "plain" and why in pred.note
+    assert pred.labels.shape == image.shape[1:]
