@@ -21,8 +21,11 @@ Two paths give the same labels (equal, or Dice >= 0.999 where interpolation orde
   a bundle without ``Invertd`` gets the probabilities resampled to the source grid with ``grid_sample``.
 
 Both paths resample back with the padding mode of the bundle's ``Spacingd`` (MONAI's default
-``border``), as ``Invertd`` does, and run the bundle's label operations (e.g. keep the largest
-connected component) on the source grid after the argmax.
+``border``), as ``Invertd`` does (the probabilities, or the logits when the bundle's softmax does not
+come before its ``Invertd``), and run the bundle's label operations (e.g. keep the largest connected
+component) on the source grid after the argmax. What the fused path cannot reproduce (a crop in the
+preprocessing, see :func:`inverse_note`; postprocessing steps, see ``app.inference.postprocess``)
+takes the plain path.
 """
 
 from __future__ import annotations
@@ -221,6 +224,7 @@ class BundlePredictor:
                 "affine_dst": src_affine_ras,
                 "dst_shape": src_shape,
                 "padding_mode": padding_mode,
+                "softmax": self.post.probabilities,
             }
         )
         self.last_stats = {"net_shape": list(net_shape)}

@@ -306,6 +306,7 @@ def sliding_window_labels(
     max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES,
     cells: bool = True,
     padding_mode: str = "zeros",
+    softmax: bool = True,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Labels of a sliding-window prediction, on the network voxel grid or resampled onto a target grid.
@@ -324,6 +325,8 @@ def sliding_window_labels(
             (``cell_argmax_slab``: same labels, far less work); False: every class everywhere.
         padding_mode: probabilities of target voxels outside the network grid: ``zeros`` (background)
             or ``border`` (the nearest network voxel's, as MONAI's ``Invertd`` of a default ``Spacingd``).
+        softmax: resample softmax probabilities onto the target grid (True) or the blended logits
+            (False: as ``Invertd`` does for a bundle that applies no softmax before it).
         stats: filled with ``stream_axis``, ``peak_buffer_bytes``, ``stitch_device``, ``acc_dtype``,
             ``windows``, ``network_s`` (time in ``predictor``) and ``resample_s`` (resampling + argmax).
 
@@ -402,7 +405,7 @@ def sliding_window_labels(
         for s in range(f0, f1, chunk):
             n = min(chunk, f1 - s)
             v = buf.narrow(1 + a, s - b0, n).float() / w.narrow(1 + a, s - b0, n)
-            if resample:
+            if resample and softmax:
                 v = torch.softmax(v, dim=0)
             buf.narrow(1 + a, s - b0, n).copy_(v)
         state["fin"] = f1

@@ -350,7 +350,7 @@ def test_a_crop_in_the_preprocessing_takes_the_plain_path(tmp_path):
     post = Compose(
         [
             Activationsd(keys="pred", softmax=True),
-            Invertd(keys="pred", transform=pre, orig_keys="image"),
+            Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False),
             AsDiscreted(keys="pred", argmax=True),
         ]
     )
@@ -383,3 +383,41 @@ def test_resampling_that_invertd_undoes_otherwise_takes_the_plain_path(tmp_path,
     pred = _predictor([Spacingd(keys="image", pixdim=(1.0, 1.0, 1.0), **spacing)]).predict_metatensor(image)
     assert pred.path == "plain" and why in pred.note
     assert pred.labels.shape == image.shape[1:]
+
+
+@pytest.mark.parametrize("post_steps", ["softmax_invert", "invert_logits", "invert_nearest"])
+@pytest.mark.parametrize("orientation", ["axial", "oblique"])
+def test_predictor_equals_monais_own_chain(tmp_path, orientation, post_steps):
+    """The bundle's preprocessing, inferer and postprocessing run as MONAI transforms are the reference:
+    the fused path (softmax -> Invertd, or Invertd of the logits) and the plain path (Invertd with its
+    default nearest_interp) give the same labels on the source grid."""
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        Invertd,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    write_phantom_series(tmp_path / "s", orientation=orientation, shape=(40, 36, 12), spacing=(0.7, 0.9, 2.5))
+    image = read_series(tmp_path / "s").to_metatensor()
+    transforms = [
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(1.2, 1.2, 1.2)),
+        ScaleIntensityRanged(keys="image", a_min=-1000, a_max=300, b_min=0, b_max=1),
+    ]
+    pre = Compose(transforms)
+    invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=post_steps == "invert_nearest")
+    softmax = [Activationsd(keys="pred", softmax=True)] if post_steps == "softmax_invert" else []
+    post = Compose([*softmax, invert, AsDiscreted(keys="pred", argmax=True)])
+    predictor = _predictor(transforms, post, threshold=0.05)
+    pred = predictor.predict_metatensor(image)
+    assert pred.path == ("plain" if post_steps == "invert_nearest" else "fast"), pred.note
+    ref = pre({"image": image})["image"]
+    with torch.no_grad():
+        logits = predictor.inferer(ref[None], predictor.network)[0]
+    theirs = post({"image": ref, "pred": logits})["pred"][0].numpy()
+    assert (theirs == 1).sum() > 500
+    np.testing.assert_array_equal(pred.labels, theirs)

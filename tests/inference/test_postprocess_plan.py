@@ -121,3 +121,29 @@ def test_sigmoid_outputs_are_refused_in_one_line(activation):
     message = str(err.value)
     assert "\n" not in message and "b/configs/inference.json" in message
     assert "sigmoid" in message and "overlapping labels" in message
+
+
+def test_invertd_with_nearest_interpolation_of_the_scores_takes_the_plain_path():
+    """Invertd's default (nearest_interp=True) resamples the probabilities by nearest neighbour."""
+    post = [Activationsd(keys="pred", softmax=True), _invert(nearest=True), AsDiscreted(keys="pred", argmax=True)]
+    plan = plan_postprocessing(post)
+    assert not plan.fast and "nearest_interp" in plan.reason
+
+
+@pytest.mark.parametrize(
+    "steps,probabilities",
+    [
+        (["softmax", "invert", "argmax"], True),
+        (["invert", "argmax"], False),  # Invertd resamples the logits
+        (["invert", "softmax", "argmax"], False),
+        (["argmax"], True),  # no way back in the bundle: segapp's own choice
+    ],
+)
+def test_what_the_way_back_interpolates(steps, probabilities):
+    make = {
+        "softmax": lambda: Activationsd(keys="pred", softmax=True),
+        "invert": _invert,
+        "argmax": lambda: AsDiscreted(keys="pred", argmax=True),
+    }
+    plan = plan_postprocessing([make[s]() for s in steps])
+    assert plan.fast and plan.probabilities is probabilities
