@@ -171,3 +171,15 @@ def test_verify_a_broken_copy_names_the_check_and_the_file(tmp_path, capsys, bro
         assert "network_data_format" in line
     else:
         assert str(root / "configs" / "inference.json") in line and "verify_net_in_out failed" in line
+
+
+def test_a_zip_with_paths_out_of_its_folder_is_refused(tmp_path, server, store, capsys):
+    """``../`` entries (zip slip) next to a real bundle: MONAI's extraction refuses the archive."""
+    www, url = server
+    zipped = _zip(small_spleen(tmp_path / "build" / NAME), www / "b.zip", NAME)
+    target = store.parent / "escaped.txt"
+    with zipfile.ZipFile(zipped, "a") as z:
+        z.writestr("../escaped.txt", "x")
+    assert main(["bundle", "download", NAME, "--url", f"{url}/b.zip"]) == 2
+    assert "Unsafe path" in _error_line(capsys)
+    assert not target.exists() and _store_is_empty(store)
