@@ -157,6 +157,32 @@ def main() -> None:
         f"Dice vs MONAI: spleen {dice(ours, theirs, 1):.4f} (DICOM in), {dice(ours_nifti, theirs, 1):.4f} (NIfTI in); "
         f"foreground {100 * (theirs == 1).mean():.1f} % MONAI, {100 * (ours == 1).mean():.1f} % segapp"
     )
+    # the sliding window alone, in this process, alternating (the same network, windows and input)
+    from monai.inferers import SlidingWindowInferer
+
+    from app.inference.stitching import WindowSpec, sliding_window_labels
+
+    parser = bundle_parser(root, ["inference"])
+    net = parser.get_parsed_content("network_def").eval()
+    net.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    inferer = parser.get_parsed_content("inferer")
+    spec = WindowSpec.from_inferer(inferer)
+    assert isinstance(inferer, SlidingWindowInferer) and spec is not None
+    x = torch.as_tensor(net_img)[None].float()
+    sw = {"monai": [], "segapp": []}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            ref = inferer(x, net)[0].argmax(0)
+            sw["monai"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            lab = sliding_window_labels(x, net, spec)
+            sw["segapp"].append(time.perf_counter() - t)
+    same = float((lab.long() == ref.long()).float().mean())
+    print(
+        f"sliding window + argmax on the network grid, in process: MONAI {min(sw['monai']):.1f} s, "
+        f"segapp {min(sw['segapp']):.1f} s (labels equal on {100 * same:.3f} % of the voxels)"
+    )
     if args.keep is None:
         import shutil
 

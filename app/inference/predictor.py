@@ -209,6 +209,7 @@ class BundlePredictor:
                 in_channels=x.shape[1],
                 sw_batch_size=spec.sw_batch_size,
                 cells=aligned and n_classes <= 255,
+                cross_rows=x.device.type == "cpu",
             )["streamed"]
             self.last_stats["estimated_bytes"] = est
             return choose_stitch_device(est, self.device, self.stitch_budget_bytes)

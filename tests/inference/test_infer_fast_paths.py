@@ -72,13 +72,15 @@ def _oblique_affine(shape_scale=(0.9, 0.8, 1.3)) -> np.ndarray:
     "shape,roi,overlap",
     [((37, 29, 21), (16, 16, 16), 0.5), ((10, 20, 12), (16, 16, 16), 0.25), ((33, 40, 26), (16, 24, 12), 0.6)],
 )
+@pytest.mark.parametrize("cross_rows", [False, True])
 @torch.no_grad()
-def test_stitching_equals_monai_sliding_window_argmax(mode, shape, roi, overlap):
+def test_stitching_equals_monai_sliding_window_argmax(mode, shape, roi, overlap, cross_rows):
     net = _net()
     x = torch.randn(1, 1, *shape)
     ref = sliding_window_inference(x, roi, 3, net, overlap, mode)[0]
     stats: dict = {}
-    labels = sliding_window_labels(x, net, WindowSpec(roi, 3, (overlap,) * 3, mode), stats=stats)
+    spec = WindowSpec(roi, 3, (overlap,) * 3, mode)
+    labels = sliding_window_labels(x, net, spec, cross_rows=cross_rows, stats=stats)
     torch.testing.assert_close(labels, channel_argmax(ref))
     # the buffer holds one window row (+ nothing retained) of the plane, never the whole output
     assert stats["peak_buffer_bytes"] < ref.numel() * 4 or min(shape) <= max(roi)
@@ -99,8 +101,9 @@ def test_float16_buffer_matches_monai_within_dice():
 
 @pytest.mark.parametrize("target", ["permuted_flipped", "oblique"])
 @pytest.mark.parametrize("max_slab_bytes", [2**14, 2**28])
+@pytest.mark.parametrize("cross_rows", [False, True])
 @torch.no_grad()
-def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes):
+def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes, cross_rows):
     net = _net()
     x = torch.randn(1, 1, 37, 29, 21)
     affine_net = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -121,6 +124,7 @@ def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes)
         affine_dst=affine_dst,
         dst_shape=dst_shape,
         max_slab_bytes=max_slab_bytes,
+        cross_rows=cross_rows,
         stats=stats,
     )
     assert labels.shape == dst_shape
@@ -213,6 +217,7 @@ def test_real_105_class_run_stays_inside_its_estimate():
         acc_bytes=4,
         sw_batch_size=2,
         max_slab_bytes=slab_bytes,
+        cross_rows=True,  # on the CPU, batches take the next row's first windows
     )
     assert stats["peak_buffer_bytes"] <= est["buffer"] + est["weights"]
     naive_output = 105 * int(np.prod(x.shape[2:])) * 4
