@@ -426,3 +426,20 @@ def test_predictor_equals_monais_own_chain(tmp_path, orientation, post_steps):
     theirs = post({"image": ref, "pred": logits})["pred"][0].numpy()
     assert (theirs == 1).sum() > 500
     np.testing.assert_array_equal(pred.labels, theirs)
+
+
+@torch.no_grad()
+def test_cpu_batches_take_the_next_rows_windows():
+    """On the CPU every network call but the last gets sw_batch_size windows (3 rows of 20 windows here)."""
+    net, sizes = _net(), []
+
+    def counting(win: torch.Tensor) -> torch.Tensor:
+        sizes.append(win.shape[0])
+        return net(win)
+
+    x = torch.randn(1, 1, 33, 40, 26)
+    spec = WindowSpec((16, 24, 12), 3, (0.6,) * 3, "gaussian")
+    ref = sliding_window_labels(x, net, spec, cross_rows=False)
+    labels = sliding_window_labels(x, counting, spec)  # default on a CPU tensor: cross_rows
+    assert sizes[:-1] == [3] * (len(sizes) - 1) and sum(sizes) == 60
+    torch.testing.assert_close(labels, ref)
