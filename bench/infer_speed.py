@@ -145,7 +145,7 @@ def bench_bundle(work: Path, classes: int) -> Path:
         {
             "label_value": c,
             "label_name": f"class {c}",
-            "category_code": ["123037004", "SCT", "Anatomical Structure"],
+            "category_code": ["91723000", "SCT", "Anatomical Structure"],
             "type_code": ["85756007", "SCT", "Tissue"],
         }
         for c in range(1, classes)

@@ -115,8 +115,9 @@ def bundle_parser(
     if meta.is_file():
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(root)
+    top_keys = set(parser.get() or {})
     for key, value in (overrides or {}).items():
-        if value is None or (only_known and key.lstrip("+").split("#", 1)[0] not in parser.config):
+        if value is None or (only_known and key.lstrip("+").split("#", 1)[0] not in top_keys):
             continue
         try:
             merge_kv(parser, key, value)

@@ -27,7 +27,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from app.bundle.config import bundle_parser, config_path
-from app.bundle.metadata import check_single_channel_3d, label_names, segment_descriptions
+from app.bundle.metadata import check_network_def, check_single_channel_3d, label_names, segment_descriptions
 from app.bundle.store import BundleRef, find_bundle, is_bundle
 from app.bundle.trust import require_trusted
 from app.bundle.weights import load_network_weights
@@ -113,7 +113,7 @@ def _parsed(parser: ConfigParser, key: str, where: Path, required: bool = True) 
     except SegappError:
         raise
     except Exception as exc:  # the bundle's own code failed: name the config and the key
-        cause = exc
+        cause: BaseException = exc
         while cause.__cause__ is not None and not isinstance(cause, SegappError):
             cause = cause.__cause__
         if isinstance(cause, SegappError):
@@ -172,8 +172,10 @@ def load_model(
         )
         raise ConfigError(f"checkpoint not found{hint}", str(ckpt))
     dev = resolve_device(device)
-    require_trusted(ref, trust)  # nothing of the bundle's code has run before this line
+    # reading and merging the configs runs nothing (macros are file reads); parsing content does
     parser = bundle_parser(ref.root, [str(config_file), *configs], overrides, only_known=only_known_overrides)
+    check_network_def(parser.get("network_def"), str(config_file))
+    require_trusted(ref, trust)  # nothing of the bundle's code has run before this line
     parser["device"] = dev
     network = _parsed(parser, "network_def", config_file)
     if not isinstance(network, torch.nn.Module):

@@ -7,11 +7,15 @@ one folder per bundle name, filled by :func:`download_bundle` on top of MONAI's
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,6 +24,24 @@ from app import resources
 from app.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+
+# MONAI's bundle and apps loggers print to stdout themselves (their own handlers, no propagation)
+MONAI_LOGGERS = ("monai.bundle.scripts", "monai.apps")
+
+
+@contextlib.contextmanager
+def quiet_monai_logs(names: tuple[str, ...] = MONAI_LOGGERS) -> Iterator[None]:
+    """Silence MONAI's own progress and error lines while segapp reports the outcome itself."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
 
 Source = Literal["shipped", "store", "folder", "run"]
 
@@ -124,13 +146,27 @@ def list_bundles() -> list[dict]:
     return rows
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def download_bundle(
-    name: str, version: str | None = None, url: str | None = None, source: str = "monaihosting"
+    name: str,
+    version: str | None = None,
+    url: str | None = None,
+    source: str = "monaihosting",
+    sha256: str | None = None,
 ) -> BundleRef:
     """Fetch a bundle into the store with ``monai.bundle.download`` and record it as trusted.
 
     The download lands in a temporary folder first; only a complete bundle (``configs/metadata.json``
-    present) replaces ``<store>/<name>``.
+    present) whose zip has the expected SHA-256 (``sha256``, when given) replaces ``<store>/<name>``;
+    on any failure the store is left as it was. MONAI checks no hash for a ``url`` download, so
+    ``sha256`` is segapp's own check of the zip it fetched.
     """
     from monai.bundle import download
 
@@ -138,23 +174,32 @@ def download_bundle(
 
     if not name or "/" in name or name.startswith("."):
         raise ConfigError("a bundle name is one folder name", name)
+    where = url or f"{source} {name}{' ' + version if version else ''}"
     store = store_dir()
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=store) as tmp:
         try:
-            download(name=name, version=version, bundle_dir=tmp, url=url, source=source, progress=False)
+            with quiet_monai_logs(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*No hash value provided.*")  # checked below
+                download(name=name, version=version, bundle_dir=tmp, url=url, source=source, progress=False)
         except Exception as exc:  # network, HTTP, zip and lookup errors from MONAI/urllib/huggingface
-            where = url or f"{source} {name}{' ' + version if version else ''}"
             raise InputError(
                 f"bundle download failed: {type(exc).__name__}: {str(exc).splitlines()[0]}", where
             ) from exc
+        zips = sorted(Path(tmp).glob("*.zip"))
+        if sha256 is not None:
+            got_hash = _sha256(zips[0]) if zips else "(no zip file)"
+            if got_hash != sha256.strip().lower():
+                raise InputError(f"the downloaded zip's SHA-256 is {got_hash}, not {sha256}", where)
+        else:
+            log.info("integrity of the download not checked (no SHA-256 given)")
         got = Path(tmp) / name
         if not is_bundle(got):
             found = [p.name for p in Path(tmp).iterdir() if p.is_dir()]
             raise InputError(
                 f"the download holds no bundle folder {name!r} with configs/metadata.json "
                 f"(found: {found or 'nothing'})",
-                url or name,
+                where,
             )
         final = store / name
         old = store / f".old-{name}"
@@ -164,6 +209,6 @@ def download_bundle(
         got.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     ref = BundleRef(final.resolve(), "store")
-    trust_bundle(ref.root, reason=f"downloaded from {url or source}")
+    trust_bundle(ref.root, reason=f"downloaded from {where}")
     log.info("bundle %s -> %s", name, ref.root)
     return ref

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app import resources
 from app.bundle.config import config_path
-from app.bundle.store import find_bundle
+from app.bundle.store import find_bundle, quiet_monai_logs
 from app.bundle.trust import require_trusted
 from app.errors import ConfigError, SegappError
 
@@ -28,7 +28,7 @@ def verify_bundle(path: str | Path, trust: bool = False, net_id: str = "network_
     meta = ref.root / "configs" / "metadata.json"
     inference = config_path(ref.root, "inference")
     lines = []
-    with contextlib.chdir(ref.root):
+    with contextlib.chdir(ref.root), quiet_monai_logs():
         try:
             verify_metadata(meta_file=str(meta), filepath=str(SCHEMA))
         except Exception as exc:  # jsonschema's ValidationError, or an unreadable file

@@ -64,7 +64,8 @@ def state_dict_of(obj: object, path: str | Path) -> Mapping[str, torch.Tensor]:
 def load_network_weights(network: torch.nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
     """Load a checkpoint's state dict into ``network`` (strict), a clear error when it does not fit."""
     state = state_dict_of(load_checkpoint(path, device), path)
-    target = network.module if hasattr(network, "module") else network
+    inner = getattr(network, "module", None)  # DDP / DataParallel wrap the network
+    target = inner if isinstance(inner, torch.nn.Module) else network
     try:
         target.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

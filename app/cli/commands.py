@@ -369,8 +369,8 @@ def bundle_list(a) -> int:
 def bundle_download(a) -> int:
     from app.bundle.store import download_bundle
 
-    ref = download_bundle(a.name, a.version, a.url, a.source)
-    print(f"{ref.name} -> {ref.root}")
+    ref = download_bundle(a.name, a.version, a.url, a.source, sha256=a.sha256)
+    print(f"{ref.name} -> {ref.root} ({'SHA-256 checked' if a.sha256 else 'integrity not checked: no --sha256'})")
     return 0
 
 

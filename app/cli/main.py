@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--version")
     bd.add_argument("--url", help="a bundle zip to fetch instead of the model zoo's hosting")
     bd.add_argument("--source", default="monaihosting", help="monaihosting | github | ngc | huggingface_hub")
+    bd.add_argument("--sha256", help="expected SHA-256 of the bundle zip (nothing is stored when it differs)")
     bd.set_defaults(func=c.bundle_download)
     bt = bsub.add_parser("trust", help="allow a bundle folder's code to run (recorded with its configs' hash)")
     bt.add_argument("path")

@@ -5,17 +5,18 @@ A model-zoo inference config ends with e.g. ``Activationsd(softmax) -> Invertd -
 on the exact source grid itself, so it reads that list as:
 
 * writers (``Save*``) are dropped;
-* ``Activationsd(softmax=True)``, ``Invertd`` (the way back to the source grid) and
-  ``AsDiscreted(argmax=True)`` are what the fused fast path does anyway (blend logits, softmax,
-  trilinear resampling to the source grid with the bundle's padding mode, argmax);
+* ``Activationsd(softmax=True)``, ``Invertd(nearest_interp=False)`` (the way back to the source
+  grid) and ``AsDiscreted(argmax=True)`` are what the fused fast path does anyway (blend logits,
+  softmax, trilinear resampling to the source grid with the bundle's padding mode, argmax); without
+  a softmax before ``Invertd`` the logits are resampled, as ``Invertd`` does;
 * transforms after the argmax that work on a label map (largest component, hole filling, small
   object removal, label filters, ...) are run, in order, on the label map on the source grid, as
   MONAI's runner runs them after ``Invertd``.
 
 Anything else (a step between the network and the argmax, label operations before ``Invertd``,
-``Invertd`` of discrete labels, sigmoid outputs) is left to MONAI: the plain path runs the bundle's
-own postprocessing. Sigmoid (multi-label) outputs are refused, since a label map cannot hold
-overlapping labels.
+``Invertd`` of discrete labels or with nearest interpolation) is left to MONAI: the plain path runs
+the bundle's own postprocessing. Sigmoid (multi-label) outputs are refused, since a label map cannot
+hold overlapping labels.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class PostPlan:
         label_steps: transforms run on the ``{"pred": labels[None]}`` map on the source grid (fast path).
         plain: the bundle's postprocessing without its writers (plain path); None when it has none.
         inverts: the plain postprocessing brings the prediction back to the source grid itself.
+        probabilities: the way back interpolates softmax probabilities (``Activationsd(softmax)``
+            before ``Invertd``, or no ``Invertd``); False: the logits, as ``Invertd`` does when the
+            bundle applies no softmax before it (the argmax of interpolated logits differs at boundaries).
     """
 
     fast: bool = True
@@ -57,6 +61,7 @@ class PostPlan:
     label_steps: list = field(default_factory=list)
     plain: Compose | None = None
     inverts: bool = False
+    probabilities: bool = True
 
 
 def _flatten(post: Any) -> list:
@@ -79,7 +84,7 @@ def plan_postprocessing(post: Any, where: str = "postprocessing") -> PostPlan:
     plan = PostPlan(
         plain=Compose(steps, map_items=False) if steps else None, inverts=any(isinstance(t, Invertd) for t in steps)
     )
-    argmax_seen = inverted = False
+    argmax_seen = inverted = softmax_seen = False
     for t in steps:
         name = type(t).__name__
         if isinstance(t, Activationsd):
@@ -89,10 +94,15 @@ def plan_postprocessing(post: Any, where: str = "postprocessing") -> PostPlan:
                     "cannot hold overlapping labels; segapp runs softmax (one label per voxel) bundles",
                     where,
                 )
+            softmax_seen = softmax_seen or any(t.softmax)
             if argmax_seen:
                 plan.fast, plan.reason = False, f"{name} after the argmax"
             continue
         if isinstance(t, Invertd):
+            if not inverted:
+                plan.probabilities = softmax_seen
+            if not argmax_seen and any(t.nearest_interp):  # Invertd's default: scores resampled by nearest
+                plan.fast, plan.reason = False, "Invertd with nearest_interp of the network output"
             if argmax_seen:
                 plan.fast = False
                 plan.reason = (

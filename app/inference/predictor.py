@@ -21,8 +21,11 @@ Two paths give the same labels (equal, or Dice >= 0.999 where interpolation orde
   a bundle without ``Invertd`` gets the probabilities resampled to the source grid with ``grid_sample``.
 
 Both paths resample back with the padding mode of the bundle's ``Spacingd`` (MONAI's default
-``border``), as ``Invertd`` does, and run the bundle's label operations (e.g. keep the largest
-connected component) on the source grid after the argmax.
+``border``), as ``Invertd`` does (the probabilities, or the logits when the bundle's softmax does not
+come before its ``Invertd``), and run the bundle's label operations (e.g. keep the largest connected
+component) on the source grid after the argmax. What the fused path cannot reproduce (a crop in the
+preprocessing, see :func:`inverse_note`; postprocessing steps, see ``app.inference.postprocess``)
+takes the plain path.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,6 +122,7 @@ class BundlePredictor:
         self.stitch_budget_bytes = stitch_budget_bytes
         self.channels_last = self.device.type == "cuda"  # cuDNN's fast 3D convs (fp16) want NDHWC
         self.last_stats: dict = {}
+        self.preprocess_note = ""
 
     @classmethod
     def from_model(cls, model, fast: bool = True, **kwargs) -> BundlePredictor:
@@ -150,7 +155,10 @@ class BundlePredictor:
         use_fast = self.fast if fast is None else bool(fast)
         note = self.fast_path_note() if use_fast else "plain path requested"
         if not note:
-            return self._apply_label_steps(self._predict_fast(image))
+            pred = self._predict_fast(image)
+            if pred.path == "fast":
+                return self._apply_label_steps(pred)
+            note = pred.note  # the preprocessing did something the way back by affines cannot undo
         log.info("MONAI's plain path: %s", note)
         pred = self._predict_reference(image)
         pred.note = note
@@ -172,6 +180,8 @@ class BundlePredictor:
             meta={k: v for k, v in image.meta.items() if k != "affine"},
         )
         net_img, padding_mode = self._preprocess_on_device(on_dev)
+        if self.preprocess_note:
+            return Prediction(np.zeros(0, np.uint8), src_affine_ras, path="plain", note=self.preprocess_note)
         net_affine_ras = np.asarray(net_img.affine, dtype=np.float64)
         x = net_img.as_tensor().unsqueeze(0)
         self._sync()
@@ -199,14 +209,15 @@ class BundlePredictor:
                 in_channels=x.shape[1],
                 sw_batch_size=spec.sw_batch_size,
                 cells=aligned and n_classes <= 255,
+                cross_rows=x.device.type == "cpu",
             )["streamed"]
             self.last_stats["estimated_bytes"] = est
             return choose_stitch_device(est, self.device, self.stitch_budget_bytes)
 
         if self.channels_last and cuda:
-            self.network.to(memory_format=torch.channels_last_3d)
+            self.network.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         stats: dict = {}
-        target = (
+        target: dict[str, Any] = (
             {}
             if identity
             else {
@@ -214,6 +225,7 @@ class BundlePredictor:
                 "affine_dst": src_affine_ras,
                 "dst_shape": src_shape,
                 "padding_mode": padding_mode,
+                "softmax": self.post.probabilities,
             }
         )
         self.last_stats = {"net_shape": list(net_shape)}
@@ -248,17 +260,27 @@ class BundlePredictor:
         """The bundle's preprocessing on the device: spatial transforms lazily, then one resampling.
 
         Returns the image on the network grid and the padding mode of its resampling (what the way
-        back to the source grid uses, as ``Invertd`` would).
+        back to the source grid uses, as ``Invertd`` would). Sets :attr:`preprocess_note` when the
+        way back by the two affines would not be what ``Invertd`` does (see :func:`inverse_note`).
+        Transforms that need up-to-date data (``CropForegroundd`` computes its box from the voxels)
+        run after the pending resampling is applied.
         """
-        data = {self.image_key: image}
+        key = self.image_key
+        data = {key: image}
         padding = "border"
+        seen: list[dict] = []
         for t in self.core.transforms:
-            if isinstance(t, LazyTrait) and not isinstance(t, RandomizableTrait):
+            lazy_ok = isinstance(t, LazyTrait) and not isinstance(t, RandomizableTrait)
+            if lazy_ok and not t.requires_current_data:
                 data = t(data, lazy=True)  # only records the geometry: MONAI decides the network grid
                 continue
-            data[self.image_key], padding = materialise(data[self.image_key], padding)
+            seen += list(getattr(data[key], "pending_operations", []))
+            data[key], padding = materialise(data[key], padding)
             data = t(data)
-        img, padding = materialise(data[self.image_key], padding)
+            seen += list(getattr(data[key], "applied_operations", []))
+        seen += list(getattr(data[key], "pending_operations", []))
+        img, padding = materialise(data[key], padding)
+        self.preprocess_note = inverse_note(seen)
         return img, padding
 
     def _apply_label_steps(self, pred: Prediction) -> Prediction:
@@ -301,6 +323,7 @@ class BundlePredictor:
                 raise ValueError("the bundle's Invertd did not return the prediction to the source grid")
         else:
             probs = torch.softmax(logits.float(), dim=1)[0]
+            padding = resampling_padding(getattr(net_img, "applied_operations", []))
             net_affine = np.asarray(net_img.affine, dtype=np.float64)
             if not is_identity(net_affine, src_affine, probs.shape[1:], src_shape):
                 probs = resample_to_grid(
@@ -311,7 +334,7 @@ class BundlePredictor:
                     mode="bilinear",
                     slab=64,
                     method="grid_sample",
-                    padding_mode="border",
+                    padding_mode=padding,
                 )
             labels = torch.argmax(probs, dim=0).cpu().numpy()
             if self.post.plain is not None:  # label steps of a bundle without Invertd, on the source grid
@@ -327,31 +350,71 @@ class BundlePredictor:
 
 
 _RESAMPLE_OPS = ("Orientation", "SpatialResample", "Spacing")
+# what the fused way back (trilinear on the probabilities, one padding mode) reproduces of Invertd
+_INVERTIBLE_PADS = ("zeros", "border")
+
+
+def _interpolating(ops) -> list[dict]:
+    """The extra_info of operations that interpolate (Spacing/SpatialResample/Affine...: they carry a
+    ``mode``); Orientation (flips and permutations) and pads carry none."""
+    infos = [op.get("extra_info") or {} for op in ops]
+    return [e for e in infos if isinstance(e, dict) and "mode" in e and "padding_mode" in e]
+
+
+def resampling_padding(ops, default: str = "border") -> str:
+    """The padding mode of the last interpolating operation among ``ops`` (``default`` when none)."""
+    found = _interpolating(ops)
+    return str(found[-1]["padding_mode"]) if found else default
+
+
+def inverse_note(ops) -> str:
+    """Why resampling the probabilities back by the two affines (trilinear, one padding mode) would
+    not be what MONAI's ``Invertd`` does after these preprocessing operations ('' when it would be).
+
+    ``Invertd`` undoes a crop by padding zeros (background) and each resampling with its own
+    interpolation and padding mode; the fused way back interpolates trilinearly with one padding
+    mode, ``zeros`` or ``border`` (PyTorch's ``reflection`` depends on ``align_corners``, which the
+    voxel-centre resampler does not model).
+    """
+    for op in ops:
+        extra = op.get("extra_info") or {}
+        cropped = extra.get("cropped") if isinstance(extra, dict) else None
+        if cropped is not None and any(int(c) != 0 for c in np.ravel(cropped)):
+            return f"the preprocessing crops the image ({op.get('class')}): Invertd pads it back with background"
+    found = _interpolating(ops)
+    modes = {str(e["mode"]) for e in found}
+    pads = {str(e["padding_mode"]) for e in found}
+    if modes - {"bilinear"}:
+        return f"the preprocessing resamples with mode {sorted(modes)}: Invertd inverts with the same mode"
+    if len(pads) > 1 or pads - set(_INVERTIBLE_PADS):
+        return f"the preprocessing resamples with padding_mode {sorted(pads)}"
+    return ""
 
 
 def materialise(img: MetaTensor, padding_mode: str = "border") -> tuple[MetaTensor, str]:
     """Apply a MetaTensor's pending (lazy) spatial operations in one resampling on its device.
 
-    Orientation/Spacing with bilinear or nearest interpolation go through our resampler
-    (``resample_to_grid``: separable when the grids are axis-aligned) from the current affine to
-    the pending one; anything else (crops, pads, spline orders) through MONAI's ``apply_pending``.
-    Returns the image and the padding mode the pending operations asked for (``padding_mode`` when
-    there were none).
+    Orientation/Spacing with bilinear or nearest interpolation and zeros/border padding go through
+    our resampler (``resample_to_grid``: separable when the grids are axis-aligned) from the current
+    affine to the pending one; anything else (crops, pads, spline orders, reflection) through
+    MONAI's ``apply_pending``. Returns the image and the padding mode of the last interpolating
+    operation (``padding_mode`` when none interpolates, e.g. Orientation alone).
     """
     ops = getattr(img, "pending_operations", [])
     if not ops:
         return img, padding_mode
-    modes = {(op.get("extra_info") or {}).get("mode", "bilinear") for op in ops}
-    pads = {(op.get("extra_info") or {}).get("padding_mode", "border") for op in ops}
-    mode, pad = str(next(iter(modes))), str(next(iter(pads)))
+    found = _interpolating(ops)
+    modes = {str(e["mode"]) for e in found} or {"bilinear"}
+    pads = {str(e["padding_mode"]) for e in found} or {padding_mode}
+    mode, pad = next(iter(modes)), resampling_padding(ops, padding_mode)
     if (
         any(str(op.get("class")) not in _RESAMPLE_OPS for op in ops)
         or len(modes) > 1
         or len(pads) > 1
         or mode not in ("bilinear", "nearest")
-        or pad not in ("zeros", "border", "reflection")
+        or pad not in _INVERTIBLE_PADS
     ):
-        return apply_pending(img)[0], pad if len(pads) == 1 else padding_mode
+        return apply_pending(img)[0], pad
     src_affine = np.asarray(img.affine, dtype=np.float64)
     dst_affine = np.asarray(img.peek_pending_affine(), dtype=np.float64)
     dst_shape = tuple(int(s) for s in img.peek_pending_shape())

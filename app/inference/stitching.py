@@ -200,6 +200,7 @@ def estimate_stitch_bytes(
     sw_batch_size: int = 4,
     max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES,
     cells: bool = True,
+    cross_rows: bool = False,
 ) -> dict[str, int]:
     """Peak device bytes of stitching with the streamed buffer, and of the naive float32 way.
 
@@ -216,6 +217,8 @@ def estimate_stitch_bytes(
         out_bytes: bytes per window output element (default ``acc_bytes``: AMP on CUDA).
         cells: the boundary-only argmax (axis-aligned grids, <= 255 classes) rather than dense
             interpolation of every class.
+        cross_rows: batches that take windows of the next row (``sliding_window_labels``): the buffer
+            holds one window interval more.
 
     Returns:
         ``streamed`` and ``naive_fp32`` totals and the streamed parts: ``buffer`` (``roi + span``
@@ -232,7 +235,9 @@ def estimate_stitch_bytes(
     plane = int(np.prod(net_shape)) // net_shape[a]
     v_net = int(np.prod(net_shape))
     v_dst = int(np.prod(dst_shape)) if dst_shape is not None else v_net
-    slices = min(net_shape[a], roi[a] + span)
+    ov = float(np.broadcast_to(np.asarray(overlap, dtype=float), (3,))[a])
+    interval = max(int(roi[a] * (1 - ov)), 1) if cross_rows else 0
+    slices = min(net_shape[a], roi[a] + span + interval)
     out_bytes = acc_bytes if out_bytes is None else out_bytes
     windows = sw_batch_size * int(np.prod(roi)) * (num_classes * out_bytes + in_channels * 4)
     temporaries = 2 * max_slab_bytes
@@ -306,6 +311,8 @@ def sliding_window_labels(
     max_slab_bytes: int = DEFAULT_MAX_SLAB_BYTES,
     cells: bool = True,
     padding_mode: str = "zeros",
+    softmax: bool = True,
+    cross_rows: bool | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Labels of a sliding-window prediction, on the network voxel grid or resampled onto a target grid.
@@ -324,6 +331,11 @@ def sliding_window_labels(
             (``cell_argmax_slab``: same labels, far less work); False: every class everywhere.
         padding_mode: probabilities of target voxels outside the network grid: ``zeros`` (background)
             or ``border`` (the nearest network voxel's, as MONAI's ``Invertd`` of a default ``Spacingd``).
+        softmax: resample softmax probabilities onto the target grid (True) or the blended logits
+            (False: as ``Invertd`` does for a bundle that applies no softmax before it).
+        cross_rows: fill every network call with ``sw_batch_size`` windows, taking the next row's
+            first windows when a row runs out (the buffer then holds one window interval more along
+            the stream axis); default: when the network runs on the CPU, where small batches are slow.
         stats: filled with ``stream_axis``, ``peak_buffer_bytes``, ``stitch_device``, ``acc_dtype``,
             ``windows``, ``network_s`` (time in ``predictor``) and ``resample_s`` (resampling + argmax).
 
@@ -402,7 +414,7 @@ def sliding_window_labels(
         for s in range(f0, f1, chunk):
             n = min(chunk, f1 - s)
             v = buf.narrow(1 + a, s - b0, n).float() / w.narrow(1 + a, s - b0, n)
-            if resample:
+            if resample and softmax:
                 v = torch.softmax(v, dim=0)
             buf.narrow(1 + a, s - b0, n).copy_(v)
         state["fin"] = f1
@@ -431,45 +443,58 @@ def sliding_window_labels(
                     lab = channel_argmax(resample_slab(view, shift @ m, dst_shape, k0, k1, "bilinear", padding_mode))
                 labels[:, :, k0:k1] = lab.to(labels.dtype)
 
-    for r, s in enumerate(starts):
-        row = rows[s]
-        for b in range(0, len(row), spec.sw_batch_size):
-            batch = row[b : b + spec.sw_batch_size]
-            win = torch.cat([x[(slice(0, 1), slice(None), *sl)] for sl in batch])
-            if channels_last:
-                win = win.contiguous(memory_format=torch.channels_last_3d)
-            with net_timer(), autocast if autocast is not None else nullcontext():
-                out = predictor(win)
-            if not isinstance(out, torch.Tensor):  # deep-supervision tuples/dicts: MONAI's inferer handles those
-                raise TypeError(f"the network returned {type(out).__name__}, not one tensor: use fast=False")
-            if state["buf"] is None:
-                n_classes = out.shape[1]
-                if callable(stitch_device):
-                    dev = torch.device(stitch_device(n_classes))
-                acc_dtype = acc_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-                res_timer = _DeviceTimer(dev)
-                imp_dev = imp.to(dev)
-                dtype = torch.uint8 if n_classes <= 256 else torch.int64
-                labels = torch.empty(dst_shape if resample else real, dtype=dtype, device=dev)
-                if resample:
-                    cells = cells and axis_aligned(m) is not None and n_classes <= 255
-                    slab = default_slab(n_classes, dst_shape, max_slab_bytes, cells)
-                    plan = _slab_plan(m, a, n_a, dst_shape, slab)
-                # a pending target slab keeps at most its span of finished slices before the row's window
-                span = max((hi - lo for lo, hi, _, _ in plan), default=0)
-                ensure(min(size[a], roi[a] + span), n_classes)
-            # weight in place in the output's own dtype (fp16 under AMP): no float32 copy of C x roi
-            out = out.mul_(imp.to(out.dtype)).to(device=dev, dtype=acc_dtype)
-            ensure(s + roi[a] - state["b0"], out.shape[1])
-            for p, sl in zip(out, batch):
-                idx = list(sl)
-                idx[a] = slice(sl[a].start - state["b0"], sl[a].stop - state["b0"])
-                state["buf"][(slice(None), *idx)] += p
-                state["w"][(slice(None), *idx)] += imp_dev[0]
-        f1 = starts[r + 1] if r + 1 < len(starts) else size[a]
-        finish(f1)
-        keep = f1 if not plan else min(f1, plan[0][0] + pad_a)  # slices a pending target slab still reads
-        shift_to(max(keep, state["b0"]))
+    # windows in row order; a batch may take the first windows of the next row (cross_rows), so every
+    # network call but the last gets sw_batch_size windows (on CPUs a batch of 2 costs ~1.5x per window)
+    if cross_rows is None:
+        cross_rows = x.device.type == "cpu"
+    order = [(r, sl) for r, s in enumerate(starts) for sl in rows[s]]
+    if cross_rows:
+        batches = [order[b : b + spec.sw_batch_size] for b in range(0, len(order), spec.sw_batch_size)]
+    else:
+        batches = [
+            [(r, sl) for sl in rows[s][b : b + spec.sw_batch_size]]
+            for r, s in enumerate(starts)
+            for b in range(0, len(rows[s]), spec.sw_batch_size)
+        ]
+    for i_batch, chunk in enumerate(batches):
+        batch = [sl for _, sl in chunk]
+        win = torch.cat([x[(slice(0, 1), slice(None), *sl)] for sl in batch])
+        if channels_last:
+            win = win.contiguous(memory_format=torch.channels_last_3d)
+        with net_timer(), autocast if autocast is not None else nullcontext():
+            out = predictor(win)
+        if not isinstance(out, torch.Tensor):  # deep-supervision tuples/dicts: MONAI's inferer handles those
+            raise TypeError(f"the network returned {type(out).__name__}, not one tensor: use fast=False")
+        if state["buf"] is None:
+            n_classes = out.shape[1]
+            if callable(stitch_device):
+                dev = torch.device(stitch_device(n_classes))
+            acc_dtype = acc_dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+            res_timer = _DeviceTimer(dev)
+            imp_dev = imp.to(dev)
+            dtype = torch.uint8 if n_classes <= 256 else torch.int64
+            labels = torch.empty(dst_shape if resample else real, dtype=dtype, device=dev)
+            if resample:
+                cells = cells and axis_aligned(m) is not None and n_classes <= 255
+                slab = default_slab(n_classes, dst_shape, max_slab_bytes, cells)
+                plan = _slab_plan(m, a, n_a, dst_shape, slab)
+            # a pending target slab keeps at most its span of finished slices before the row's window
+            span = max((hi - lo for lo, hi, _, _ in plan), default=0)
+            ensure(min(size[a], roi[a] + span), n_classes)
+        # weight in place in the output's own dtype (fp16 under AMP): no float32 copy of C x roi
+        out = out.mul_(imp.to(out.dtype)).to(device=dev, dtype=acc_dtype)
+        ensure(max(sl[a].start for sl in batch) + roi[a] - state["b0"], out.shape[1])
+        for p, sl in zip(out, batch):
+            idx = list(sl)
+            idx[a] = slice(sl[a].start - state["b0"], sl[a].stop - state["b0"])
+            state["buf"][(slice(None), *idx)] += p
+            state["w"][(slice(None), *idx)] += imp_dev[0]
+        # slices before the next pending window's row are final: no later window touches them
+        f1 = starts[batches[i_batch + 1][0][0]] if i_batch + 1 < len(batches) else size[a]
+        if f1 > state["fin"]:
+            finish(f1)
+            keep = f1 if not plan else min(f1, plan[0][0] + pad_a)  # slices a pending target slab still reads
+            shift_to(max(keep, state["b0"]))
     if stats is not None:
         stats.update(
             stream_axis=a,

@@ -72,13 +72,15 @@ def _oblique_affine(shape_scale=(0.9, 0.8, 1.3)) -> np.ndarray:
     "shape,roi,overlap",
     [((37, 29, 21), (16, 16, 16), 0.5), ((10, 20, 12), (16, 16, 16), 0.25), ((33, 40, 26), (16, 24, 12), 0.6)],
 )
+@pytest.mark.parametrize("cross_rows", [False, True])
 @torch.no_grad()
-def test_stitching_equals_monai_sliding_window_argmax(mode, shape, roi, overlap):
+def test_stitching_equals_monai_sliding_window_argmax(mode, shape, roi, overlap, cross_rows):
     net = _net()
     x = torch.randn(1, 1, *shape)
     ref = sliding_window_inference(x, roi, 3, net, overlap, mode)[0]
     stats: dict = {}
-    labels = sliding_window_labels(x, net, WindowSpec(roi, 3, (overlap,) * 3, mode), stats=stats)
+    spec = WindowSpec(roi, 3, (overlap,) * 3, mode)
+    labels = sliding_window_labels(x, net, spec, cross_rows=cross_rows, stats=stats)
     torch.testing.assert_close(labels, channel_argmax(ref))
     # the buffer holds one window row (+ nothing retained) of the plane, never the whole output
     assert stats["peak_buffer_bytes"] < ref.numel() * 4 or min(shape) <= max(roi)
@@ -99,8 +101,9 @@ def test_float16_buffer_matches_monai_within_dice():
 
 @pytest.mark.parametrize("target", ["permuted_flipped", "oblique"])
 @pytest.mark.parametrize("max_slab_bytes", [2**14, 2**28])
+@pytest.mark.parametrize("cross_rows", [False, True])
 @torch.no_grad()
-def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes):
+def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes, cross_rows):
     net = _net()
     x = torch.randn(1, 1, 37, 29, 21)
     affine_net = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -121,6 +124,7 @@ def test_streamed_resample_argmax_equals_full_resampling(target, max_slab_bytes)
         affine_dst=affine_dst,
         dst_shape=dst_shape,
         max_slab_bytes=max_slab_bytes,
+        cross_rows=cross_rows,
         stats=stats,
     )
     assert labels.shape == dst_shape
@@ -213,6 +217,7 @@ def test_real_105_class_run_stays_inside_its_estimate():
         acc_bytes=4,
         sw_batch_size=2,
         max_slab_bytes=slab_bytes,
+        cross_rows=True,  # on the CPU, batches take the next row's first windows
     )
     assert stats["peak_buffer_bytes"] <= est["buffer"] + est["weights"]
     naive_output = 105 * int(np.prod(x.shape[2:])) * 4
@@ -306,3 +311,135 @@ def test_identity_grid_fast_equals_plain(threshold_predictor):
     plain = threshold_predictor.predict_metatensor(image, fast=False)
     np.testing.assert_array_equal(fast.labels, plain.labels)
     assert json.dumps(threshold_predictor.last_stats["net_shape"]) == "[40, 34, 28]"
+
+
+def _predictor(preprocessing, post=None, threshold: float = 0.0) -> BundlePredictor:
+    from monai.inferers import SlidingWindowInferer
+    from nets_for_tests import ThresholdNet
+
+    inferer = SlidingWindowInferer((32, 32, 16), 2, 0.25)
+    return BundlePredictor(ThresholdNet(threshold), preprocessing, inferer, "cpu", postprocessing=post)
+
+
+def test_spacing_padding_mode_survives_an_orientation_before_it(tmp_path):
+    """Orientationd records no padding mode; the fast path must still resample (and later go back)
+    with Spacingd's ``zeros``, as MONAI does, not with the default ``border``."""
+    from monai.transforms import Compose, Orientationd, Spacingd
+
+    write_phantom_series(tmp_path / "s", orientation="oblique", shape=(40, 36, 12), spacing=(0.7, 0.9, 2.5))
+    image = read_series(tmp_path / "s").to_metatensor()
+    transforms = [
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(0.8, 0.8, 0.8), padding_mode="zeros"),
+    ]
+    predictor = _predictor(transforms)
+    ours, padding = predictor._preprocess_on_device(image)
+    assert padding == "zeros" and predictor.preprocess_note == ""
+    ref = Compose(transforms)({"image": image})["image"]
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4)
+
+
+def test_a_crop_in_the_preprocessing_takes_the_plain_path(tmp_path):
+    """CropForegroundd computes its box from the voxels (after the pending resampling), and MONAI's
+    Invertd pads the crop back with background, which the fused way back cannot do: plain path."""
+    from monai.transforms import Activationsd, AsDiscreted, Compose, CropForegroundd, Invertd, Spacingd
+
+    write_phantom_series(tmp_path / "s", orientation="sagittal", shape=(40, 36, 24), spacing=(0.7, 0.9, 1.3))
+    image = read_series(tmp_path / "s").to_metatensor()
+    transforms = [
+        Spacingd(keys="image", pixdim=(1.0, 1.0, 1.0)),
+        CropForegroundd(keys="image", source_key="image", select_fn=lambda x: x > -900, margin=3),
+    ]
+    pre = Compose(transforms)
+    post = Compose(
+        [
+            Activationsd(keys="pred", softmax=True),
+            Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False),
+            AsDiscreted(keys="pred", argmax=True),
+        ]
+    )
+    predictor = _predictor(transforms, post, threshold=-950.0)
+    ours, _ = predictor._preprocess_on_device(image)
+    ref = pre({"image": image})["image"]
+    assert tuple(ours.shape) == tuple(ref.shape)  # the box from the resampled voxels, as MONAI finds it
+    np.testing.assert_allclose(np.asarray(ours.affine), np.asarray(ref.affine), atol=1e-6)
+    assert "crops" in predictor.preprocess_note
+    pred = predictor.predict_metatensor(image)
+    assert pred.path == "plain" and "CropForeground" in pred.note
+    # MONAI's own chain: preprocessing, inferer, postprocessing (Invertd pads the crop with background)
+    with torch.no_grad():
+        logits = predictor.inferer(ref[None], predictor.network)[0]
+    theirs = post({"image": ref, "pred": logits})["pred"][0].numpy()
+    assert 100 < (theirs == 1).sum() < theirs.size / 2
+    np.testing.assert_array_equal(pred.labels, theirs)
+
+
+@pytest.mark.parametrize(
+    "spacing,why", [({"mode": "nearest"}, "mode ['nearest']"), ({"padding_mode": "reflection"}, "['reflection']")]
+)
+def test_resampling_that_invertd_undoes_otherwise_takes_the_plain_path(tmp_path, spacing, why):
+    """Invertd inverts a Spacingd with its own mode and padding; the fused way back is trilinear with
+    zeros or border padding, so other settings go MONAI's way."""
+    from monai.transforms import Spacingd
+
+    write_phantom_series(tmp_path / "s", orientation="coronal", shape=(30, 28, 12), spacing=(0.7, 0.9, 2.0))
+    image = read_series(tmp_path / "s").to_metatensor()
+    pred = _predictor([Spacingd(keys="image", pixdim=(1.0, 1.0, 1.0), **spacing)]).predict_metatensor(image)
+    assert pred.path == "plain" and why in pred.note
+    assert pred.labels.shape == image.shape[1:]
+
+
+@pytest.mark.parametrize("post_steps", ["softmax_invert", "invert_logits", "invert_nearest"])
+@pytest.mark.parametrize("orientation", ["axial", "oblique"])
+def test_predictor_equals_monais_own_chain(tmp_path, orientation, post_steps):
+    """The bundle's preprocessing, inferer and postprocessing run as MONAI transforms are the reference:
+    the fused path (softmax -> Invertd, or Invertd of the logits) and the plain path (Invertd with its
+    default nearest_interp) give the same labels on the source grid."""
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        Invertd,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    write_phantom_series(tmp_path / "s", orientation=orientation, shape=(40, 36, 12), spacing=(0.7, 0.9, 2.5))
+    image = read_series(tmp_path / "s").to_metatensor()
+    transforms = [
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=(1.2, 1.2, 1.2)),
+        ScaleIntensityRanged(keys="image", a_min=-1000, a_max=300, b_min=0, b_max=1),
+    ]
+    pre = Compose(transforms)
+    invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=post_steps == "invert_nearest")
+    softmax = [Activationsd(keys="pred", softmax=True)] if post_steps == "softmax_invert" else []
+    post = Compose([*softmax, invert, AsDiscreted(keys="pred", argmax=True)])
+    predictor = _predictor(transforms, post, threshold=0.05)
+    pred = predictor.predict_metatensor(image)
+    assert pred.path == ("plain" if post_steps == "invert_nearest" else "fast"), pred.note
+    ref = pre({"image": image})["image"]
+    with torch.no_grad():
+        logits = predictor.inferer(ref[None], predictor.network)[0]
+    theirs = post({"image": ref, "pred": logits})["pred"][0].numpy()
+    assert (theirs == 1).sum() > 500
+    np.testing.assert_array_equal(pred.labels, theirs)
+
+
+@torch.no_grad()
+def test_cpu_batches_take_the_next_rows_windows():
+    """On the CPU every network call but the last gets sw_batch_size windows (3 rows of 20 windows here)."""
+    net, sizes = _net(), []
+
+    def counting(win: torch.Tensor) -> torch.Tensor:
+        sizes.append(win.shape[0])
+        return net(win)
+
+    x = torch.randn(1, 1, 33, 40, 26)
+    spec = WindowSpec((16, 24, 12), 3, (0.6,) * 3, "gaussian")
+    ref = sliding_window_labels(x, net, spec, cross_rows=False)
+    labels = sliding_window_labels(x, counting, spec)  # default on a CPU tensor: cross_rows
+    assert sizes[:-1] == [3] * (len(sizes) - 1) and sum(sizes) == 60
+    torch.testing.assert_close(labels, ref)

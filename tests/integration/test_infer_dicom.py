@@ -81,7 +81,7 @@ def test_real_mr_series_seg_equals_nifti(study, real_data, tmp_path, threshold_a
     assert seg.FrameOfReferenceUID == volume.datasets[0].FrameOfReferenceUID
     assert seg.SeriesInstanceUID != volume.series_instance_uid
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior", "posterior"]
-    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "5300000"
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "5366008"
 
 
 def test_ct_series_refused_by_mr_rules_without_output(real_data, tmp_path, threshold_args, capsys):
