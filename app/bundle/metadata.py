@@ -117,7 +117,7 @@ def label_names(meta: Mapping[str, Any], config_labels: Mapping | None = None) -
 
 def _read_segments_file(path: str | Path, labels: Mapping[int, str]) -> dict[int, dict]:
     """``--segments``: a JSON list of descriptions, each checked as a DICOM segment, per label value."""
-    from app.io.dicom_seg import SegmentSpec
+    from app.io.segments import SegmentSpec
 
     try:
         given = json.loads(Path(path).read_text())

@@ -27,21 +27,24 @@ class SegmentSpec:
         label_value: voxel value of this label in the label map (> 0).
         label_name: human-readable name (SegmentLabel), e.g. ``"liver"``.
         category_code: SegmentedPropertyCategory as ``(value, scheme, meaning)``,
-            e.g. ``("123037004", "SCT", "Anatomical Structure")``.
+            e.g. ``("91723000", "SCT", "Anatomical Structure")`` (CID 7150).
         type_code: SegmentedPropertyType, e.g. ``("10200004", "SCT", "Liver")``.
+        type_modifier_code: optional SegmentedPropertyTypeModifier, e.g. laterality
+            ``("7771000", "SCT", "Left")`` (CID 244).
         color_rgb: optional display colour, 0-255 per channel.
     """
 
     label_value: int
     label_name: str
-    category_code: Code3 = ("123037004", "SCT", "Anatomical Structure")
+    category_code: Code3 = ("91723000", "SCT", "Anatomical Structure")
     type_code: Code3 = ("85756007", "SCT", "Tissue")
     color_rgb: tuple[int, int, int] | None = None
+    type_modifier_code: Code3 | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> SegmentSpec:
         """Build from bundle metadata: keys ``label_value``, ``label_name``, ``category_code``,
-        ``type_code`` (each a 3-item list) and optional ``color_rgb``."""
+        ``type_code`` (each a 3-item list) and optional ``type_modifier_code`` and ``color_rgb``."""
         try:
             return cls(
                 label_value=int(d["label_value"]),
@@ -49,6 +52,7 @@ class SegmentSpec:
                 category_code=tuple(d.get("category_code", cls.category_code)),  # type: ignore[arg-type]
                 type_code=tuple(d.get("type_code", cls.type_code)),  # type: ignore[arg-type]
                 color_rgb=tuple(d["color_rgb"]) if d.get("color_rgb") else None,  # type: ignore[arg-type]
+                type_modifier_code=tuple(d["type_modifier_code"]) if d.get("type_modifier_code") else None,  # type: ignore[arg-type]
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad segment description {d!r}: {exc}") from exc
@@ -84,8 +88,9 @@ def segment_descriptions(specs: Sequence[SegmentSpec], algorithm: tuple[str, str
     algo = hd.AlgorithmIdentificationSequence(
         name=str(algorithm[0]), family=codes.cid7162.ArtificialIntelligence, version=str(algorithm[1])
     )
-    return [
-        hd.seg.SegmentDescription(
+    out = []
+    for n, s in enumerate(specs, start=1):
+        desc = hd.seg.SegmentDescription(
             segment_number=n,
             segment_label=s.label_name[:64],
             segmented_property_category=coded_concept(s.category_code, f"segment {s.label_name!r} category_code"),
@@ -94,5 +99,8 @@ def segment_descriptions(specs: Sequence[SegmentSpec], algorithm: tuple[str, str
             algorithm_identification=algo,
             display_color=hd.color.CIELabColor.from_rgb(*s.color_rgb) if s.color_rgb else None,
         )
-        for n, s in enumerate(specs, start=1)
-    ]
+        if s.type_modifier_code is not None:  # (0062,0011), nested in the property type's code item
+            modifier = coded_concept(s.type_modifier_code, f"segment {s.label_name!r} type_modifier_code")
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+        out.append(desc)
+    return out

@@ -39,8 +39,8 @@ from zoo_bundles import (
 
 from app.bundle.config import bundle_parser
 from app.cli import main
-from app.io.dicom_seg import read_seg
 from app.io.dicom_series import read_series
+from app.io.seg_read import read_seg
 
 pytestmark = pytest.mark.slow
 

@@ -256,3 +256,26 @@ def test_write_speed_512x512x300(tmp_path):
     assert int(pydicom.dcmread(out, stop_before_pixels=True).NumberOfFrames) == 60 + 60 + 30
     np.testing.assert_array_equal(back, labels)
     assert write_s < 60 and read_s < 60  # generous: catches pathological slow paths only
+
+
+def test_laterality_modifier_is_written_in_the_property_type(tmp_path):
+    info = write_phantom_series(tmp_path / "ct", shape=(16, 16, 8))
+    vol = read_series(tmp_path / "ct")
+    specs = [
+        SegmentSpec(
+            1, "kidney_left", type_code=("64033007", "SCT", "Kidney"), type_modifier_code=("7771000", "SCT", "Left")
+        ),
+        SegmentSpec(2, "sphere"),
+        SegmentSpec(3, "bar"),
+    ]
+    path = write_seg(vol, info.mask_ijk, specs, ("t", "1"), tmp_path / "s.dcm")
+    assert_dciodvfy_clean(path)
+    seg = pydicom.dcmread(path)
+    first, second = seg.SegmentSequence[0], seg.SegmentSequence[1]
+    (modifier,) = first.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence
+    assert (modifier.CodeValue, modifier.CodingSchemeDesignator, modifier.CodeMeaning) == ("7771000", "SCT", "Left")
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in second.SegmentedPropertyTypeCodeSequence[0]
+    assert second.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+    assert SegmentSpec.from_dict(
+        {"label_value": 1, "label_name": "x", "type_modifier_code": ["24028007", "SCT", "Right"]}
+    ).type_modifier_code == ("24028007", "SCT", "Right")

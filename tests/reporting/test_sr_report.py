@@ -26,7 +26,7 @@ from app.io.segments import SegmentSpec
 from app.reporting.report import csv_row, series_statistics, write_statistics_json, write_volume_report
 
 SEGMENTS = [
-    {"label_value": 1, "label_name": "box", "category_code": ["123037004", "SCT", "Anatomical Structure"],
+    {"label_value": 1, "label_name": "box", "category_code": ["91723000", "SCT", "Anatomical Structure"],
      "type_code": ["10200004", "SCT", "Liver"]},
     {"label_value": 2, "label_name": "sphere"},
     {"label_value": 3, "label_name": "bar"},
