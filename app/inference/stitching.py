@@ -100,11 +100,11 @@ class WindowSpec:
             return None
         ov = tuple(float(o) for o in np.broadcast_to(np.asarray(inferer.overlap, dtype=float), (3,)))
         return cls(
-            roi,
+            (roi[0], roi[1], roi[2]),
             int(inferer.sw_batch_size),
-            ov,
+            (ov[0], ov[1], ov[2]),
             str(inferer.mode),
-            inferer.sigma_scale,
+            inferer.sigma_scale if isinstance(inferer.sigma_scale, float) else tuple(inferer.sigma_scale),
             str(inferer.padding_mode),
             float(inferer.cval),
         )
@@ -132,7 +132,7 @@ def stream_axis(m: np.ndarray | None, net_shape: Sequence[int], dst_shape: Seque
 
     ``m`` maps target voxels to network voxels; without a target grid, the longest network axis.
     """
-    if m is None:
+    if m is None or dst_shape is None:
         return int(np.argmax(net_shape))
     spread = [
         abs(m[a, 0]) * (dst_shape[0] - 1) + abs(m[a, 1]) * (dst_shape[1] - 1) + 1e-9 * net_shape[a] for a in range(3)
@@ -295,6 +295,22 @@ def choose_stitch_device(
     return device
 
 
+@dataclass
+class _Buffers:
+    """The stitching buffers: blended outputs ``buf`` (C, *plane, slices) and summed importance ``w``
+    of network slices ``[b0, b0 + cap)`` along the stream axis; slices before ``fin`` are finished."""
+
+    buf: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    b0: int = 0
+    fin: int = 0
+    peak: int = 0
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.buf is not None and self.w is not None, "buffers are allocated with the first windows"
+        return self.buf, self.w
+
+
 @torch.no_grad()
 def sliding_window_labels(
     x: torch.Tensor,
@@ -347,11 +363,14 @@ def sliding_window_labels(
     dev = x.device if stitch_device is None or callable(stitch_device) else torch.device(stitch_device)
     real = [int(s) for s in x.shape[2:]]
     resample = dst_shape is not None
-    if resample:
-        dst_shape = tuple(int(s) for s in dst_shape)
+    m: np.ndarray | None = None
+    dst: tuple[int, ...] = tuple(int(s) for s in x.shape[2:])  # labels on the network grid
+    if dst_shape is not None:
+        if affine_net is None or affine_dst is None:
+            raise ValueError("a target grid needs both affine_net and affine_dst")
+        dst = tuple(int(s) for s in dst_shape)
         m = target_to_source_voxel(affine_net, affine_dst)  # target voxel -> network voxel
-    else:
-        m = None
+    m_t = m if m is not None else np.eye(4)
     roi = [int(r) for r in spec.roi_size]
     pads = _pad_amounts(real, roi)
     if any(p for pair in pads for p in pair):
@@ -369,7 +388,7 @@ def sliding_window_labels(
     )[None, None]
     autocast = torch.autocast(x.device.type, dtype=torch.float16) if amp and x.device.type == "cuda" else None
 
-    state = {"buf": None, "w": None, "b0": 0, "fin": 0, "peak": 0}
+    st = _Buffers()
     net_timer = _DeviceTimer(x.device)
     res_timer: _DeviceTimer | None = None  # on the stitching device, known after the first window batch
     labels: torch.Tensor | None = None
@@ -377,7 +396,7 @@ def sliding_window_labels(
     pad_a, n_a = pads[a][0], real[a]
 
     def ensure(cap_needed: int, n_classes: int) -> None:
-        buf, w = state["buf"], state["w"]
+        buf, w = st.buf, st.w
         cap = 0 if buf is None else buf.shape[1 + a]
         if cap >= cap_needed:
             return
@@ -385,15 +404,15 @@ def sliding_window_labels(
         shape[a] = cap_needed - cap
         more = torch.zeros((n_classes, *shape), dtype=acc_dtype, device=dev)
         more_w = torch.zeros((1, *shape), dtype=torch.float32, device=dev)
-        state["buf"] = more if buf is None else torch.cat([buf, more], dim=1 + a)
-        state["w"] = more_w if w is None else torch.cat([w, more_w], dim=1 + a)
-        state["peak"] = max(state["peak"], state["buf"].numel() * state["buf"].element_size() + state["w"].numel() * 4)
+        st.buf = more if buf is None else torch.cat([buf, more], dim=1 + a)
+        st.w = more_w if w is None else torch.cat([w, more_w], dim=1 + a)
+        st.peak = max(st.peak, st.buf.numel() * st.buf.element_size() + st.w.numel() * 4)
 
     def shift_to(new_b0: int) -> None:
-        d = new_b0 - state["b0"]
+        d = new_b0 - st.b0
         if d <= 0:
             return
-        for t in (state["buf"], state["w"]):
+        for t in st.tensors():
             cap = t.shape[1 + a]
             if d >= cap:
                 t.zero_()
@@ -402,13 +421,14 @@ def sliding_window_labels(
                 n = min(d, cap - d - i)
                 t.narrow(1 + a, i, n).copy_(t.narrow(1 + a, i + d, n))
             t.narrow(1 + a, cap - d, d).zero_()
-        state["b0"] = new_b0
+        st.b0 = new_b0
 
     def finish(f1: int) -> None:
         """Normalise (and softmax) padded network slices [fin, f1), then consume what is ready."""
-        nonlocal labels
-        buf, w, b0 = state["buf"], state["w"], state["b0"]
-        f0 = state["fin"]
+        buf, w = st.tensors()
+        b0 = st.b0
+        assert labels is not None
+        f0 = st.fin
         per_slice = buf.numel() // buf.shape[1 + a]  # classes x plane
         chunk = max(1, DEFAULT_MAX_SLAB_BYTES // (4 * per_slice))  # bounded float32 temporaries
         for s in range(f0, f1, chunk):
@@ -417,7 +437,7 @@ def sliding_window_labels(
             if resample and softmax:
                 v = torch.softmax(v, dim=0)
             buf.narrow(1 + a, s - b0, n).copy_(v)
-        state["fin"] = f1
+        st.fin = f1
         r0, r1 = max(f0, pad_a) - pad_a, min(f1 - pad_a, n_a)  # newly finished real network slices
         if not resample:
             if r1 > r0:
@@ -428,6 +448,7 @@ def sliding_window_labels(
                 labels.narrow(a, r0, r1 - r0).copy_(channel_argmax(part, labels.dtype))
             return
         fin_real = min(f1 - pad_a, n_a)
+        assert res_timer is not None
         with res_timer():
             while plan and (plan[0][1] <= fin_real or fin_real >= n_a):
                 lo, hi, k0, k1 = plan.pop(0)
@@ -438,9 +459,9 @@ def sliding_window_labels(
                         view = view.narrow(1 + d, pads[d][0], real[d])
                 shift = np.eye(4)
                 shift[a, 3] = -v0
-                lab = cell_argmax_slab(view, shift @ m, dst_shape, k0, k1, padding_mode=padding_mode) if cells else None
+                lab = cell_argmax_slab(view, shift @ m_t, dst, k0, k1, padding_mode=padding_mode) if cells else None
                 if lab is None:  # oblique grids or > 255 classes: interpolate every class everywhere
-                    lab = channel_argmax(resample_slab(view, shift @ m, dst_shape, k0, k1, "bilinear", padding_mode))
+                    lab = channel_argmax(resample_slab(view, shift @ m_t, dst, k0, k1, "bilinear", padding_mode))
                 labels[:, :, k0:k1] = lab.to(labels.dtype)
 
     # windows in row order; a batch may take the first windows of the next row (cross_rows), so every
@@ -465,7 +486,7 @@ def sliding_window_labels(
             out = predictor(win)
         if not isinstance(out, torch.Tensor):  # deep-supervision tuples/dicts: MONAI's inferer handles those
             raise TypeError(f"the network returned {type(out).__name__}, not one tensor: use fast=False")
-        if state["buf"] is None:
+        if st.buf is None:
             n_classes = out.shape[1]
             if callable(stitch_device):
                 dev = torch.device(stitch_device(n_classes))
@@ -473,36 +494,38 @@ def sliding_window_labels(
             res_timer = _DeviceTimer(dev)
             imp_dev = imp.to(dev)
             dtype = torch.uint8 if n_classes <= 256 else torch.int64
-            labels = torch.empty(dst_shape if resample else real, dtype=dtype, device=dev)
+            labels = torch.empty(dst, dtype=dtype, device=dev)
             if resample:
-                cells = cells and axis_aligned(m) is not None and n_classes <= 255
-                slab = default_slab(n_classes, dst_shape, max_slab_bytes, cells)
-                plan = _slab_plan(m, a, n_a, dst_shape, slab)
+                cells = cells and axis_aligned(m_t) is not None and n_classes <= 255
+                slab = default_slab(n_classes, dst, max_slab_bytes, cells)
+                plan = _slab_plan(m_t, a, n_a, dst, slab)
             # a pending target slab keeps at most its span of finished slices before the row's window
             span = max((hi - lo for lo, hi, _, _ in plan), default=0)
             ensure(min(size[a], roi[a] + span), n_classes)
         # weight in place in the output's own dtype (fp16 under AMP): no float32 copy of C x roi
         out = out.mul_(imp.to(out.dtype)).to(device=dev, dtype=acc_dtype)
-        ensure(max(sl[a].start for sl in batch) + roi[a] - state["b0"], out.shape[1])
+        ensure(max(sl[a].start for sl in batch) + roi[a] - st.b0, out.shape[1])
+        buf, w = st.tensors()
         for p, sl in zip(out, batch):
             idx = list(sl)
-            idx[a] = slice(sl[a].start - state["b0"], sl[a].stop - state["b0"])
-            state["buf"][(slice(None), *idx)] += p
-            state["w"][(slice(None), *idx)] += imp_dev[0]
+            idx[a] = slice(sl[a].start - st.b0, sl[a].stop - st.b0)
+            buf[(slice(None), *idx)] += p
+            w[(slice(None), *idx)] += imp_dev[0]
         # slices before the next pending window's row are final: no later window touches them
         f1 = starts[batches[i_batch + 1][0][0]] if i_batch + 1 < len(batches) else size[a]
-        if f1 > state["fin"]:
+        if f1 > st.fin:
             finish(f1)
             keep = f1 if not plan else min(f1, plan[0][0] + pad_a)  # slices a pending target slab still reads
-            shift_to(max(keep, state["b0"]))
+            shift_to(max(keep, st.b0))
     if stats is not None:
         stats.update(
             stream_axis=a,
-            peak_buffer_bytes=int(state["peak"]),
+            peak_buffer_bytes=int(st.peak),
             stitch_device=str(dev),
             acc_dtype=str(acc_dtype).replace("torch.", ""),
             windows=len(slices),
             network_s=net_timer.seconds(),
             resample_s=res_timer.seconds() if res_timer is not None else 0.0,
         )
+    assert labels is not None, "no window was run"
     return labels

@@ -1,7 +1,7 @@
 """Checks that run before the work starts, so that what the machine cannot do fails in seconds with one
 line instead of after an hour of training or inference.
 
-* :func:`check_output_dir`: the folder exists or can be made, and a file can be written and removed in it.
+* :func:`check_output_dir`: the folder exists (a file can be written and removed in it) or can be made.
 * :func:`check_free_space`: the file system holds the outputs' estimated size (:func:`estimate_output_bytes`).
 * :func:`memory_budget_bytes` / :func:`check_memory`: what a job may allocate (``SEGAPP_MEMORY_LIMIT``,
   else the memory the kernel reports available).
@@ -35,7 +35,9 @@ _SLACK = 1 << 20
 
 
 def check_output_dir(path: str | os.PathLike, option: str = "--output") -> Path:
-    """Make ``path`` if needed and prove a file can be written there; return it resolved.
+    """Prove that outputs can be written in ``path``; return it resolved. A folder that does not exist
+    yet is not made here (a run refused later leaves nothing behind): its nearest existing parent is
+    checked for the right to make it.
 
     Raises:
         EnvError: it is a file, cannot be created, or cannot be written (read-only, permissions).
@@ -43,10 +45,17 @@ def check_output_dir(path: str | os.PathLike, option: str = "--output") -> Path:
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise EnvError(f"the output folder ({option}) is a file", p)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise env_error(exc, f"cannot create the output folder ({option})", p) from exc
+    probe_dir = p
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if probe_dir != p and not probe_dir.is_dir():
+        raise EnvError(f"cannot create the output folder ({option}): a part of the path is a file, not a folder", p)
+    if probe_dir != p:  # can the folder be made there? (a probe folder, removed at once)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".segapp-write-test-", dir=probe_dir))
+        except OSError as exc:
+            raise env_error(exc, f"cannot create the output folder ({option})", p) from exc
+        return p.resolve()
     try:
         fd, probe = tempfile.mkstemp(prefix=".segapp-write-test-", dir=p)
         try:
