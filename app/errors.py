@@ -38,7 +38,7 @@ class DicomError(InputError):
 class ManifestError(InputError):
     """A manifest that does not match its data; ``problems`` lists every problem found."""
 
-    def __init__(self, message: str, problems: list[str] | None = None, path: str | None = None):
+    def __init__(self, message: str, problems: list[str] | None = None, path: str | os.PathLike | None = None):
         self.problems = list(problems or [])
         if self.problems:
             message = message + "\n  " + "\n  ".join(self.problems)

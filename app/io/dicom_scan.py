@@ -27,6 +27,7 @@ import logging
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -166,20 +167,20 @@ def scan(path: str | os.PathLike) -> ScanResult:
     return scan_files(files, root)
 
 
-def scan_files(files: list[str | os.PathLike] | list[Path], root: str | os.PathLike | None = None) -> ScanResult:
+def scan_files(files: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> ScanResult:
     """``scan`` of a list of files (e.g. what a DICOM listener received, or one batch item's files);
     ``root`` names them in messages (default: their common folder)."""
-    files = [Path(f) for f in files]
+    paths = [Path(f) for f in files]
     if root is None:
-        root = os.path.commonpath([str(f.parent) for f in files]) if files else "."
+        root = os.path.commonpath([str(f.parent) for f in paths]) if paths else "."
     root = Path(root)
-    if not files:
+    if not paths:
         raise DicomError("no files given", path=str(root))
     skipped: list[tuple[str, str]] = []
     headers: list[_Member] = []
     locations: dict[str, PixelLocation] = {}
     damaged: dict[str, list[str]] = defaultdict(list)
-    for f in files:
+    for f in paths:
         ds, loc, why = read_header(f)
         if ds is not None and why:  # read, but damaged: reading its series is refused
             if uid := _text(ds, "SeriesInstanceUID"):

@@ -296,7 +296,7 @@ def build_binary_seg(
         if len(planes) > 1:
             kept = np.sort(planes)  # highdicom checks the kept planes in input order
             spacing, _ = get_volume_positions(
-                image_positions=positions[kept],  # type: ignore[arg-type]
+                image_positions=positions[kept],
                 image_orientation=iop,
                 sort=False,
             )

@@ -203,6 +203,8 @@ def _highdicom_seg(
         plane_positions = []
         for k in range(volume.shape[2]):
             ipp, _ = frame_ipp_iop(sources[0], volume.frame_numbers[k])
+            if ipp is None:
+                raise DicomError(f"frame {volume.frame_numbers[k]} has no ImagePositionPatient", volume.source_files[k])
             plane_positions.append(hd.PlanePositionSequence("PATIENT", [float(v) for v in ipp]))
     seg = hd.seg.Segmentation(
         source_images=sources,

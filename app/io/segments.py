@@ -49,10 +49,10 @@ class SegmentSpec:
             return cls(
                 label_value=int(d["label_value"]),
                 label_name=str(d["label_name"]),
-                category_code=tuple(d.get("category_code", cls.category_code)),  # type: ignore[arg-type]
-                type_code=tuple(d.get("type_code", cls.type_code)),  # type: ignore[arg-type]
-                color_rgb=tuple(d["color_rgb"]) if d.get("color_rgb") else None,  # type: ignore[arg-type]
-                type_modifier_code=tuple(d["type_modifier_code"]) if d.get("type_modifier_code") else None,  # type: ignore[arg-type]
+                category_code=tuple(d.get("category_code", cls.category_code)),
+                type_code=tuple(d.get("type_code", cls.type_code)),
+                color_rgb=tuple(d["color_rgb"]) if d.get("color_rgb") else None,
+                type_modifier_code=tuple(d["type_modifier_code"]) if d.get("type_modifier_code") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad segment description {d!r}: {exc}") from exc

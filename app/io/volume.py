@@ -56,7 +56,7 @@ class SeriesVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     def to_metatensor(self):
         """Channel-first MONAI MetaTensor ``(1, I, J, K)`` with the RAS affine (MONAI's space)."""

@@ -42,7 +42,7 @@ def write_run_bundle(
         cfg = ConfigParser(read_configs(root, [name]))
         for layer in layers:
             for key, value in layer.items():
-                if _top(key) in cfg.config and _top(key) not in RUNTIME_KEYS:
+                if _top(key) in cfg.get() and _top(key) not in RUNTIME_KEYS:
                     merge_kv(cfg, key, value)
         cfg["bundle_root"] = "."
         write_config(cfg.get(), out / "configs" / f"{name}.json")
