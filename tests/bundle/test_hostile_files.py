@@ -105,8 +105,8 @@ def test_segapps_own_checkpoints_and_plain_state_dicts_load(tmp_path, run_dir):
     saver.finish(None)
     last = tmp_path / "train" / "checkpoints" / "last.pt"
     assert set(load_checkpoint(last)) >= {"network", "optimizer", "lr_scheduler", "history", "rng"}
-    for ckpt in (last, tmp_path / "train" / "models" / "model.pt", run_dir / "models" / "model.pt"):
-        out = tmp_path / f"out_{ckpt.parent.name}_{ckpt.stem}"
+    for n, ckpt in enumerate((last, tmp_path / "train" / "models" / "model.pt", run_dir / "models" / "model.pt")):
+        out = tmp_path / f"out{n}"
         assert _infer("--run", str(run_dir), "--checkpoint", str(ckpt), "--output", str(out)) == 0
         assert list(out.glob("*_seg.nii.gz"))
 
