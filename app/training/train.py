@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from app.bundle.config import bundle_parser, run_sections, write_config
+from app.bundle.config import bundle_parser, read_configs, run_sections, write_config
 from app.bundle.store import find_bundle
 from app.bundle.trust import require_trusted
 from app.data.manifest import check_manifest_fold
+from app.planning.fingerprint import load_plan
 from app.runtime.device import resolve_device
 from app.training.run_bundle import write_run_bundle
 
@@ -37,8 +38,14 @@ def train(
     overrides: dict[str, Any] | None = None,
     check_checksums: bool = True,
     trust: bool = False,
+    plan: str | None = None,
 ) -> dict:
-    """Train a bundle on a manifest fold. Returns ``metrics.json``'s content plus run locations."""
+    """Train a bundle on a manifest fold. Returns ``metrics.json``'s content plus run locations.
+
+    ``plan``: a ``segapp plan`` file, merged as a config overlay after the bundle's configs and before
+    ``extra_configs`` (target spacing, normalisation, patch and batch size, the U-Net's features; a
+    bundle whose network is not segapp's ``UNet3D`` keeps its own ``features``).
+    """
     ref = find_bundle(bundle)
     resolve_device(device)  # fail early, naming --device
     opts: dict[str, Any] = {"fold": int(fold), "device_name": device, "resume": bool(resume)}
@@ -53,6 +60,16 @@ def train(
         opts["tracking_uri"] = tracking_uri
     if seed is not None:
         opts["seed"] = int(seed)
+    if plan:
+        plan_file = str(Path(plan).resolve())
+        load_plan(plan_file)  # a clear error before anything runs
+        extra_configs = [plan_file, *extra_configs]
+        own = read_configs(ref.root, ["train", *extra_configs[1:]])
+        net = own.get("fold_network_def", own.get("network_def", {}))  # an ensemble bundle trains its member
+        target = str(net.get("_target_", "")) if isinstance(net, dict) else ""
+        if not target.endswith("UNet3D") and "features" in own:
+            log.info("plan: %s is not UNet3D; keeping the bundle's features", target or "the network")
+            opts.setdefault("features", own["features"])
     opts.update(overrides or {})
     require_trusted(ref, trust)
     parser = bundle_parser(ref.root, ["train", *extra_configs], opts)
