@@ -138,7 +138,8 @@ def _train_cv(a) -> int:
         nproc=a.nproc or 1,
     )
     s = res["summary"]
-    for name, st in s["pooled"]["dice"].items():
+    for name in s["labels"]:
+        st = s["pooled"]["dice"][name]
         per_fold = "  ".join(f"{s['per_fold'][k]['dice'][name]['mean']:.4f}" for k in sorted(s["per_fold"]))
         print(f"CV dice {name:12s} {st['mean']:.4f} ± {st['sd']:.4f}  (folds: {per_fold})")
     pp = s["postprocessing"]
@@ -211,6 +212,10 @@ def infer(a) -> int:
         trust=a.trust_bundle,
         segments_file=a.segments,
     )
+    from app.networks.ensemble import describe, set_mirroring
+
+    model.network, _ = set_mirroring(model.network, getattr(a, "tta", "auto"))
+    print("model:   " + describe(model.network))
     segmenter = Segmenter(model)
     if dicom:
         res = segmenter.dicom(

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="source series with blank Study/Series/FrameOfReference UIDs: derive stable ones instead of refusing",
     )
+    i.add_argument(
+        "--tta",
+        choices=("auto", "mirror", "none"),
+        default="auto",
+        help="mirroring test-time augmentation: the bundle's setting (auto), all 8 flips (mirror), or none",
+    )
     _model_options(i)
     i.set_defaults(func=c.infer)
 

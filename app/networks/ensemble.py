@@ -27,7 +27,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-__all__ = ["FoldEnsemble", "MirrorTTA", "flip_sets", "set_mirroring"]
+__all__ = ["FoldEnsemble", "MirrorTTA", "describe", "flip_sets", "set_mirroring"]
 
 EPS = 1e-8
 
@@ -140,3 +140,17 @@ def set_mirroring(network: nn.Module, mode: str, axes: Sequence[int] = (0, 1, 2)
         wrapped = MirrorTTA(network, axes).eval()
         return wrapped, wrapped.passes
     return network, 1
+
+
+def describe(network: nn.Module) -> str:
+    """One line on what a prediction runs: members, mirrorings, forward passes per window."""
+    inner = network.module if hasattr(network, "module") else network
+    members, flips = 1, 1
+    while isinstance(inner, MirrorTTA):
+        flips *= len(inner.flips)
+        inner = inner.network
+    if isinstance(inner, FoldEnsemble):
+        members, flips = len(inner.members), flips * len(inner.flips)
+    what = f"{members}-fold ensemble" if members > 1 else "one network"
+    mirror = f", mirroring TTA ({flips} flips)" if flips > 1 else ", no mirroring"
+    return f"{what}{mirror}: {members * flips} forward pass(es) per window"

@@ -341,6 +341,7 @@ def make_plan(
         base_features=int(base_features),
         min_batch=int(min_batch),
         max_patch=int(max_patch_size),
+        spacing=[float(v) for v in target],
         activation_bytes=2 if amp else 4,
     )
     normalization = []

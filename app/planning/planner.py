@@ -2,7 +2,8 @@
 
 nnU-Net (Isensee et al., Nature Methods 2021) sizes the 3D U-Net to the data and the GPU:
 
-* the **patch** starts as the median image size at the target spacing (voxels), and as many 2×
+* the **patch** starts as a box of 256³ voxels shaped like the physical aspect of the voxels
+  (``1 / spacing``), clipped to the median image size at the target spacing, and as many 2×
   poolings are used as keep the coarsest feature map at least ``min_feature_map`` (4) voxels on every
   axis (here the same number on every axis: segapp's ``UNet3D`` pools isotropically); the patch is
   rounded up to a multiple of ``2 ** pools``;
@@ -38,19 +39,20 @@ def unet_features(base: int, levels: int, max_channels: int = 320) -> list[int]:
 
 
 def _unet_params(in_ch: int, classes: int, features: Sequence[int], deep_supervision: bool) -> int:
-    """Parameter count of ``app.networks.unet3d.UNet3D`` (3×3×3 convs with bias, instance norm affine)."""
+    """Parameter count of ``app.networks.unet3d.UNet3D`` (3×3×3 convs with bias; MONAI's instance norm
+    has no affine parameters)."""
 
     def conv(i: int, o: int, k: int = 27) -> int:
         return i * o * k + o
 
     n, ch, skips = 0, in_ch, []
     for f in features:
-        n += conv(ch, f) + 2 * f + conv(f, 2 * f) + 4 * f
+        n += conv(ch, f) + conv(f, 2 * f)
         ch = 2 * f
         skips.append(ch)
     for s in reversed(skips[:-1]):
         n += ch * ch * 8 + ch  # transposed 2×2×2
-        n += conv(ch + s, s) + 2 * s + conv(s, s) + 2 * s
+        n += conv(ch + s, s) + conv(s, s)
         ch = s
     n += ch * classes + classes
     if deep_supervision:
@@ -149,6 +151,7 @@ def plan_network(
     min_feature_map: int = 4,
     max_pools: int = 5,
     max_patch: int = 256,
+    spacing: Sequence[float] | None = None,
     deep_supervision: bool = True,
     activation_bytes: int = 2,
     optimizer_states: int = 1,
@@ -156,7 +159,8 @@ def plan_network(
     """Patch, batch and ``UNet3D`` features for images of ``median_shape`` voxels and a memory budget.
 
     See the module docstring for the rules. ``activation_bytes=2`` plans for AMP on a GPU (the
-    bundles autocast on CUDA); use 4 for float32 training (CPU).
+    bundles autocast on CUDA); use 4 for float32 training (CPU). ``spacing`` (mm, the target
+    spacing) shapes the starting box; without it the box is a cube.
 
     Raises:
         ConfigError: when even the smallest patch at the smallest width does not fit the budget.
@@ -172,7 +176,9 @@ def plan_network(
             patch, batch, feats, in_channels, num_classes, deep_supervision, activation_bytes, optimizer_states
         )
 
-    full = [min(max(s, 1.0), float(max_patch)) for s in median]
+    inv = [1.0 / float(s) for s in (spacing or (1.0, 1.0, 1.0))]
+    scale = (256.0**3 / math.prod(inv)) ** (1.0 / 3.0)  # nnU-Net's start: 256^3 voxels, physical aspect
+    full = [min(max(m, 1.0), scale * i, float(max_patch)) for m, i in zip(median, inv)]
     base = int(base_features)
     while True:
         size = list(full)

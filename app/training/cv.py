@@ -73,7 +73,7 @@ def keep_largest(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
     if not values:
         return labels
     t = KeepLargestConnectedComponent(applied_labels=list(values), is_onehot=False, independent=True)
-    return np.asarray(t(torch.as_tensor(labels)[None]))[0].astype(labels.dtype)
+    return np.asarray(t(torch.tensor(labels)[None]))[0].astype(labels.dtype)  # a copy: MONAI edits in place
 
 
 def learn_postprocessing(
