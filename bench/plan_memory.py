@@ -94,8 +94,7 @@ def main() -> None:
             continue
         meas = json.loads(proc.stdout.strip().splitlines()[-1])["measured_bytes"]
         print(
-            f"{str(patch):>14s} {batch:5d} {str(feats):>24s} {est / 2**20:13.0f} {meas / 2**20:13.0f} "
-            f"{meas / est:6.2f}"
+            f"{str(patch):>14s} {batch:5d} {str(feats):>24s} {est / 2**20:13.0f} {meas / 2**20:13.0f} {meas / est:6.2f}"
         )
 
 

@@ -17,8 +17,6 @@ Log-probabilities are clamped at ``log(1e-8)`` (finite under float16 blending). 
 a one-member ensemble passes its member's output through untouched, so the member trains as usual.
 """
 
-
-
 import copy
 import itertools
 from collections.abc import Sequence

@@ -137,8 +137,12 @@ class RunCheckpointer:
         if improved:
             self.best = {"metric": score, "epoch": engine.state.epoch}
         if self.patience and validated and engine.state.epoch - int(self.best["epoch"]) >= self.patience:
-            log.info("early stop at epoch %d: no better %s since epoch %d", engine.state.epoch, self.key_metric,
-                     self.best["epoch"])
+            log.info(
+                "early stop at epoch %d: no better %s since epoch %d",
+                engine.state.epoch,
+                self.key_metric,
+                self.best["epoch"],
+            )
             engine.terminate()
         if not self.enabled:
             return

@@ -96,9 +96,7 @@ def learn_postprocessing(
         for p, r in zip(preds, references):
             if not ((p == v).any() or (r == v).any()):
                 continue
-            d = compute_dice(
-                torch.as_tensor(p == v)[None, None].float(), torch.as_tensor(r == v)[None, None].float()
-            )
+            d = compute_dice(torch.as_tensor(p == v)[None, None].float(), torch.as_tensor(r == v)[None, None].float())
             vals.append(float(d))
         return float(np.mean(vals)) if vals else math.nan
 
@@ -149,12 +147,12 @@ def _with_postprocessing(cfg: dict, largest: Sequence[int]) -> dict:
     if not isinstance(steps, list):
         raise ConfigError("the run's inference config has no postprocessing list to extend", "configs/inference.json")
     steps = [s for s in steps if not (isinstance(s, dict) and s.get("_target_") == LCC)]
-    at = next(
-        (i + 1 for i, s in enumerate(steps) if isinstance(s, dict) and s.get("_target_") == "AsDiscreted"), None
-    )
+    at = next((i + 1 for i, s in enumerate(steps) if isinstance(s, dict) and s.get("_target_") == "AsDiscreted"), None)
     if largest:
         if at is None:
-            raise ConfigError("the run's inference postprocessing has no argmax (AsDiscreted)", "configs/inference.json")
+            raise ConfigError(
+                "the run's inference postprocessing has no argmax (AsDiscreted)", "configs/inference.json"
+            )
         steps.insert(at, {"_target_": LCC, "keys": "pred", "applied_labels": list(largest), "independent": True})
     cfg = dict(cfg)
     cfg["postprocessing"] = {**post, "transforms": steps} if isinstance(post, dict) else steps
@@ -211,8 +209,15 @@ def _predict_fold(fold_dir: Path, cases: list[dict], device: str, mirror_axes: S
             mirrored = torch.argmax(model.inferer(image, tta), dim=1)[0].cpu().numpy().astype(np.int16)
         t2 = time.perf_counter()
         out.append(
-            {"id": case.get("id", Path(case["image"]).name), "ref": ref, "plain": plain, "mirrored": mirrored,
-             "spacing": spacing, "seconds_plain": t1 - t0, "seconds_mirrored": t2 - t1}
+            {
+                "id": case.get("id", Path(case["image"]).name),
+                "ref": ref,
+                "plain": plain,
+                "mirrored": mirrored,
+                "spacing": spacing,
+                "seconds_plain": t1 - t0,
+                "seconds_mirrored": t2 - t1,
+            }
         )
     return out
 
@@ -278,7 +283,9 @@ def summarize_cv(
         **_summary(rows),
         "postprocessing": pp,
     }
-    compare = {"plain": summarize_rows([r for k in folds for r in _rows(preds[k], "plain", k, labels, tolerance_mm, [])])}
+    compare = {
+        "plain": summarize_rows([r for k in folds for r in _rows(preds[k], "plain", k, labels, tolerance_mm, [])])
+    }
     seconds = {"plain": float(np.mean([p["seconds_plain"] for p in every]))}
     if mirror_axes:
         compare["mirrored"] = summarize_rows(
@@ -287,8 +294,10 @@ def summarize_cv(
         seconds["mirrored"] = float(np.mean([p["seconds_mirrored"] for p in every]))
     summary["tta"] = {
         "mirror_axes": list(mirror_axes),
-        "dice": {name: {lab: s[lab]["mean"] for lab in summary["labels"]} | {"mean": s["mean"]}
-                 for name, s in ((n, c["dice"]) for n, c in compare.items())},
+        "dice": {
+            name: {lab: s[lab]["mean"] for lab in summary["labels"]} | {"mean": s["mean"]}
+            for name, s in ((n, c["dice"]) for n, c in compare.items())
+        },
         "seconds_per_case": seconds,
     }
     summary["evaluation_seconds"] = eval_s
@@ -331,8 +340,9 @@ def _parent_run(cv_dir: Path, uri: str, experiment: str, name: str, params: Mapp
         location = local_artifact_location(cv_dir) if uri.startswith("sqlite:") else None
         exp_id = client.create_experiment(experiment, artifact_location=location)
     run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = client.create_run(exp_id, run_name=run_name, tags={"segapp.output_dir": str(cv_dir.resolve()),
-                                                             "segapp.cv": "parent"})
+    run = client.create_run(
+        exp_id, run_name=run_name, tags={"segapp.output_dir": str(cv_dir.resolve()), "segapp.cv": "parent"}
+    )
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
     info = {"run_id": run.info.run_id, "tracking_uri": uri, "experiment": experiment, "run_name": run_name}
@@ -388,10 +398,14 @@ def train_cv(
         mirror_axes = list(infer_cfg.get("mirror_axes") or raw.get("mirror_axes") or [])
     axes = [int(a) for a in mirror_axes]
     uri = tracking_uri or local_tracking_uri(out)
-    params = {"bundle": ref.name, "folds": json.dumps(fold_list), "manifest": Path(manifest).name,
-              "plan": Path(plan).name if plan else "", "mirror_axes": json.dumps(axes)}
-    client, parent = _parent_run(out, uri, str(raw.get("experiment_name", "segapp")),
-                                 f"{ref.name}-cv", params, resume)
+    params = {
+        "bundle": ref.name,
+        "folds": json.dumps(fold_list),
+        "manifest": Path(manifest).name,
+        "plan": Path(plan).name if plan else "",
+        "mirror_axes": json.dumps(axes),
+    }
+    client, parent = _parent_run(out, uri, str(raw.get("experiment_name", "segapp")), f"{ref.name}-cv", params, resume)
     jobs = []
     for k in fold_list:
         fold_dir = out / f"fold_{k}"
@@ -400,10 +414,19 @@ def train_cv(
             continue
         jobs.append(
             dict(
-                bundle=bundle, manifest=manifest, fold=k, epochs=epochs, device=device, output_dir=str(fold_dir),
-                resume=bool(resume and (fold_dir / "checkpoints" / "last.pt").is_file()), tracking_uri=uri,
-                seed=seed, extra_configs=list(extra_configs),
-                overrides={**(overrides or {}), "parent_run_id": parent["run_id"]}, trust=trust, plan=plan,
+                bundle=bundle,
+                manifest=manifest,
+                fold=k,
+                epochs=epochs,
+                device=device,
+                output_dir=str(fold_dir),
+                resume=bool(resume and (fold_dir / "checkpoints" / "last.pt").is_file()),
+                tracking_uri=uri,
+                seed=seed,
+                extra_configs=list(extra_configs),
+                overrides={**(overrides or {}), "parent_run_id": parent["run_id"]},
+                trust=trust,
+                plan=plan,
             )
         )
     t0 = time.perf_counter()
