@@ -144,9 +144,8 @@ def _train_cv(a) -> int:
         print(f"CV dice {name:12s} {st['mean']:.4f} ± {st['sd']:.4f}  (folds: {per_fold})")
     pp = s["postprocessing"]
     print(f"postprocessing: {pp['description']}")
-    print(
-        f"outputs:    {res['output_dir']}  (cv_summary.json, cv_cases.csv, fold_*/; use it with --run {res['output_dir']})"
-    )
+    out = res["output_dir"]
+    print(f"outputs:    {out}  (cv_summary.json, cv_cases.csv, fold_*/; use it with --run {out})")
     if res.get("mlflow"):
         m = res["mlflow"]
         print(f"mlflow:     parent run {m['run_name']} ({m['run_id']}) in {m['tracking_uri']}")

@@ -20,7 +20,7 @@ a one-member ensemble passes its member's output through untouched, so the membe
 import copy
 import itertools
 from collections.abc import Sequence
-from typing import List
+from typing import List  # noqa: UP035  (TorchScript reads typing generics)
 
 import torch
 import torch.nn as nn

@@ -127,15 +127,15 @@ class RunCheckpointer:
             )
         entry = {"epoch": engine.state.epoch, **metrics}
         validated = self.evaluator is None or getattr(self.evaluator.state, "epoch", None) == engine.state.epoch
-        score = metrics.get(self.key_metric) if validated else None
+        score: float | None = metrics.get(self.key_metric) if validated else None
         if score is not None and math.isfinite(score):
             self.smoothed = score if self.smoothed is None else self.ema * self.smoothed + (1 - self.ema) * score
             score = self.smoothed
             entry[f"ema_{self.key_metric}"] = score
         self.history = [h for h in self.history if h["epoch"] < engine.state.epoch] + [entry]
         improved = score is not None and math.isfinite(score) and score > self.best["metric"]
-        if improved:
-            self.best = {"metric": score, "epoch": engine.state.epoch}
+        if improved and score is not None:
+            self.best = {"metric": float(score), "epoch": engine.state.epoch}
         if self.patience and validated and engine.state.epoch - int(self.best["epoch"]) >= self.patience:
             log.info(
                 "early stop at epoch %d: no better %s since epoch %d",
