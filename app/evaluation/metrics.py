@@ -8,7 +8,8 @@ MONAI's MeanDice handler reduces to one number (or a tensor that trackers can't 
 case's integer label maps ``(X, Y, Z)`` with its voxel size (mm), so distances are in mm and volumes
 in mL whatever the orientation:
 
-* ``dice``: MONAI ``DiceMetric``; NaN when the label is absent from both maps.
+* ``dice``: MONAI ``DiceMetric``; NaN when the label is absent from both maps, 0 when only the
+  prediction has it.
 * ``hd95_mm``: MONAI ``HausdorffDistanceMetric(percentile=95)``; NaN when either map lacks the label.
 * ``surface_dice``: MONAI ``SurfaceDiceMetric`` (normalised surface Dice, Nikolov et al. 2021) at
   ``tolerance_mm``: the fraction of both boundaries (voxels of the label with a 6-neighbour outside
@@ -184,7 +185,9 @@ def case_metrics(
             {
                 "label": str(labels.get(v, labels.get(str(v), v))),  # type: ignore[call-overload]
                 "value": v,
-                "dice": float(dice[v]) if (in_p or in_r) else math.nan,
+                # MONAI's ignore_empty gives NaN whenever the reference lacks the label: a false
+                # positive scores 0 here
+                "dice": (float(dice[v]) if in_r else 0.0) if (in_p or in_r) else math.nan,
                 "hd95_mm": float(hd[v]) if (in_p and in_r) else math.nan,
                 "surface_dice": float(nsd[v]) if (in_p and in_r) else (0.0 if (in_p or in_r) else math.nan),
                 "volume_ref_ml": vol_r,
