@@ -7,7 +7,8 @@ the CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on CUDA (with AMP, 
 train there). Printed next to ``app.planning.planner.estimate_training_bytes``.
 
     python bench/plan_memory.py                    # CPU, float32
-    python bench/plan_memory.py --device cuda      # GPU, AMP
+    python bench/plan_memory.py --large            # also 96^3 (and 128^3) patches
+    python bench/plan_memory.py --device cuda      # GPU, AMP, all sizes
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ CHOICES = [
     ([40, 56, 40], 2, [16, 32, 64, 128]),
     ([40, 56, 40], 4, [32, 64, 128, 256]),
     ([64, 64, 64], 2, [32, 64, 128, 256]),
-    ([96, 96, 96], 2, [32, 64, 128, 160, 160]),
 ]
+LARGE = [([96, 96, 96], 2, [32, 64, 128, 160, 160]), ([128, 128, 128], 2, [32, 64, 128, 160, 160, 160])]
 
 
 def _child(patch: list[int], batch: int, features: list[int], device: str) -> dict:
@@ -71,6 +72,7 @@ def _child(patch: list[int], batch: int, features: list[int], device: str) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--large", action="store_true", help="also 96^3 and 128^3 patches (minutes on a CPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -82,7 +84,7 @@ def main() -> None:
     cuda = a.device.startswith("cuda")
     print(f"device {a.device} ({'AMP' if cuda else 'float32'}), {platform.processor() or platform.machine()}")
     print(f"{'patch':>14s} {'batch':>5s} {'features':>24s} {'estimate MiB':>13s} {'measured MiB':>13s} {'ratio':>6s}")
-    for patch, batch, feats in CHOICES:
+    for patch, batch, feats in CHOICES + (LARGE if a.large or cuda else []):
         est = estimate_training_bytes(patch, batch, feats, 1, 3, True, 2 if cuda else 4, 1)
         proc = subprocess.run(
             [sys.executable, __file__, "--device", a.device, "--child", json.dumps([patch, batch, feats])],

@@ -111,8 +111,11 @@ def test_five_folds_summary_files_mlflow_parent_and_children_and_the_ensemble_bu
     out = tmp_path / "seg"
     sample = sorted((manifest.parent / "data" / "imagesTr").glob("*.nii.gz"))[0]
     assert main(["infer", "--run", str(cv), "--input", str(sample), "--output", str(out), "--device", "cpu"]) == 0
-    assert "5-fold ensemble" in capsys.readouterr().out
+    assert "5-fold ensemble, no mirroring: 5 forward pass(es)" in capsys.readouterr().out
     assert (out / sample.name.replace(".nii.gz", "_seg.nii.gz")).is_file()
+    args = ["infer", "--run", str(cv), "--input", str(sample), "--output", str(tmp_path / "tta"), "--device", "cpu"]
+    assert main([*args, "--tta", "mirror"]) == 0
+    assert "5-fold ensemble, mirroring TTA (8 flips): 40 forward pass(es)" in capsys.readouterr().out
     # the learned post-processing reaches segapp's predictor as a label step on the source grid
     write_ensemble_bundle(cv, [cv / f"fold_{k}" for k in range(5)], mirror_axes=[0], largest_component=[1, 2])
     model = load_model(run=cv, device="cpu")
