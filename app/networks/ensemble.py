@@ -13,6 +13,11 @@ a network module a bundle's ``network_def`` can name:
   over every combination of flips of those spatial axes (``[0, 1, 2]``: 8 passes), each output
   flipped back before averaging. Every pass costs one forward pass of every member.
 
+``roi_size`` (on :class:`FoldEnsemble`): the members' own patch size. A window larger than it (a
+bundle whose sliding window is bigger than the patch the folds were trained on) is predicted by
+MONAI's ``sliding_window_inference`` with that size inside it (Gaussian, overlap 0.5), so that the
+members, instance-normalised, see inputs the size they learned on.
+
 Log-probabilities are clamped at ``log(1e-8)`` (finite under float16 blending). In training mode
 a one-member ensemble passes its member's output through untouched, so the member trains as usual.
 """
@@ -51,17 +56,30 @@ class FoldEnsemble(nn.Module):
         num_members: networks in the ensemble (folds).
         mirror_axes: spatial axes to mirror for test-time augmentation (``[]``: none; ``[0, 1, 2]``:
             all 8 flips).
+        roi_size: the members' patch size (voxels); larger inputs are predicted with an inner
+            sliding window of that size (None: the members see the whole input).
+        roi_overlap: overlap of the inner windows.
     """
 
     __jit_unused_properties__ = ["mirror_axes", "passes"]
     flips: List[List[int]]  # noqa: UP006  (TorchScript reads typing generics)
+    roi_size: List[int]  # noqa: UP006
 
-    def __init__(self, member: nn.Module, num_members: int = 5, mirror_axes: Sequence[int] = ()):
+    def __init__(
+        self,
+        member: nn.Module,
+        num_members: int = 5,
+        mirror_axes: Sequence[int] = (),
+        roi_size: Sequence[int] | None = None,
+        roi_overlap: float = 0.5,
+    ):
         super().__init__()
         if int(num_members) < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}")
         self.members = nn.ModuleList([copy.deepcopy(member) for _ in range(int(num_members))])
         self.flips = flip_sets(mirror_axes)
+        self.roi_size = [int(r) for r in roi_size] if roi_size else []
+        self.roi_overlap = float(roi_overlap)
 
     @property
     def mirror_axes(self) -> list[int]:
@@ -77,14 +95,25 @@ class FoldEnsemble(nn.Module):
             return self.members[0](x)
         total = torch.zeros(1, device=x.device, dtype=torch.float32)
         n = 0
-        for member in self.members:
+        windowed = len(self.roi_size) == 3 and any(int(x.shape[2 + i]) > self.roi_size[i] for i in range(3))
+        for k, member in enumerate(self.members):
             for dims in self.flips:
-                if len(dims) == 0:
-                    total = total + torch.softmax(member(x).float(), dim=1)
-                else:
-                    total = total + torch.flip(torch.softmax(member(torch.flip(x, dims)).float(), dim=1), dims)
+                xi = x if len(dims) == 0 else torch.flip(x, dims)
+                yi = self._windowed(k, xi) if windowed else member(xi)
+                p = torch.softmax(yi.float(), dim=1)
+                total = total + (p if len(dims) == 0 else torch.flip(p, dims))
                 n += 1
         return torch.log((total / n).clamp_min(1e-8))  # EPS
+
+    @torch.jit.unused
+    def _windowed(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        from monai.inferers import sliding_window_inference
+
+        member = self.members[k]
+        out = sliding_window_inference(
+            x, self.roi_size, 8, member, overlap=self.roi_overlap, mode="gaussian", padding_mode="constant"
+        )
+        return out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
 
 
 class MirrorTTA(nn.Module):

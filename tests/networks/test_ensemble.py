@@ -114,3 +114,17 @@ def test_deep_supervision_levels_loss_weights_and_eval_output():
     assert all(h.weight.grad is not None for h in net.ds_heads)  # the extra heads are trained
     plain = UNet3D(1, 3, [4, 8, 16, 32], norm="instance")
     assert len(plain.ds_heads) == 0 and plain.train()(x).shape == (2, 3, 16, 24, 16)
+
+
+def test_members_see_windows_of_their_own_patch_size_inside_a_larger_window():
+    from monai.inferers import sliding_window_inference
+
+    member = _unet(5)
+    ens = FoldEnsemble(member, 1, roi_size=[16, 16, 16]).eval()
+    big, small = torch.randn(1, 1, 24, 32, 24), torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        inner = sliding_window_inference(big, (16, 16, 16), 8, ens.members[0], overlap=0.5, mode="gaussian")
+        assert torch.allclose(torch.softmax(ens(big), 1), torch.softmax(inner, 1), atol=1e-5)
+        assert not torch.allclose(torch.softmax(ens(big), 1), torch.softmax(member(big), 1), atol=1e-3)
+        assert torch.allclose(torch.softmax(ens(small), 1), torch.softmax(member(small), 1), atol=1e-5)
+        torch.jit.script(ens)  # still scriptable (the windowed path runs in Python only)
