@@ -23,7 +23,9 @@ def test_the_weights_are_a_few_megabytes_and_fit_the_five_fold_ensemble():
     weights = BUNDLE / "models" / "model.pt"
     assert weights.stat().st_size < 4 * 2**20
     net = bundle_parser(BUNDLE, ["inference"], {"device_name": "cpu"}).get_parsed_content("network_def")
-    net.load_state_dict(torch.load(weights, weights_only=True))  # strict: every fold's every weight
+    state = torch.load(weights, weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.float16}  # stored half, loaded into float32
+    net.load_state_dict(state)  # strict: every fold's every weight
     assert len(net.members) == 5 and net.mirror_axes == [0]
     summary = json.loads((BUNDLE / "docs" / "cv_summary.json").read_text())
     assert summary["num_cases"] == 208 and summary["folds"] == [0, 1, 2, 3, 4]
