@@ -44,7 +44,7 @@ def train(
 
     ``plan``: a ``segapp plan`` file, merged as a config overlay after the bundle's configs and before
     ``extra_configs`` (target spacing, normalisation, patch and batch size, the U-Net's features; a
-    bundle whose network is not segapp's ``UNet3D`` keeps its own ``features``).
+    bundle whose network is not segapp's ``UNet3D`` keeps its own ``features`` and ``patch_size``).
     """
     ref = find_bundle(bundle)
     resolve_device(device)  # fail early, naming --device
@@ -67,9 +67,11 @@ def train(
         own = read_configs(ref.root, ["train", *extra_configs[1:]])
         net = own.get("fold_network_def", own.get("network_def", {}))  # an ensemble bundle trains its member
         target = str(net.get("_target_", "")) if isinstance(net, dict) else ""
-        if not target.endswith("UNet3D") and "features" in own:
-            log.info("plan: %s is not UNet3D; keeping the bundle's features", target or "the network")
-            opts.setdefault("features", own["features"])
+        if not target.endswith("UNet3D"):  # the plan sizes segapp's UNet3D: its patch fits that network
+            log.info("plan: %s is not UNet3D; keeping the bundle's features and patch size", target or "the network")
+            for key in ("features", "patch_size"):
+                if key in own:
+                    opts.setdefault(key, own[key])
     opts.update(overrides or {})
     require_trusted(ref, trust)
     parser = bundle_parser(ref.root, ["train", *extra_configs], opts)

@@ -99,3 +99,24 @@ def test_the_training_run_uses_the_plan_and_so_does_monais_runner(tmp_path):
         assert parser.get_parsed_content("network_def").encoders[0][0].conv.out_channels == plan["features"][0]
         assert parser.get_parsed_content("patch_size") == plan["patch_size"]
         assert parser.get_parsed_content("preprocessing")[-1].normalizer.entries == plan["normalization"]
+
+
+def test_a_plan_on_a_network_that_is_not_unet3d_keeps_its_own_network_and_patch(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    plan = plan_from_manifest(SAMPLE_MANIFEST, plan_file, gpu_memory_gb=2, max_voxels_per_case=500)
+    assert plan["patch_size"] == [40, 56, 40]  # not divisible by 16, as VNet depth 4 needs
+    few = {
+        "train#dataset#data": "$app.data.manifest.fold_datalist(@manifest, @fold, 'train', max_cases=2)",
+        "validate#dataset#data": "$app.data.manifest.fold_datalist(@manifest, @fold, 'val', max_cases=1)",
+        "num_workers": 0,
+        "cache_workers": 0,
+        "features": 4,
+    }
+    out = tmp_path / "run"
+    train("hippocampus_vnet", str(SAMPLE_MANIFEST), epochs=1, device="cpu", output_dir=str(out), overrides=few,
+          plan=str(plan_file))  # fmt: skip
+    executed = json.loads((out / "executed_config.json").read_text())
+    assert executed["patch_size"] == [48, 64, 48] and executed["features"] == 4
+    assert executed["batch_size"] == plan["batch_size"] and executed["preprocessing"][-1]["_target_"].endswith(
+        "NormalizeFromPland"
+    )
