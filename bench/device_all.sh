@@ -34,7 +34,7 @@ if [ "$device" = cuda ]; then
 else
   infer_args=(--shape 64 64 24 --roi 32 32 32 --features 4 8)
   train_args=(--quick --steps 2 --warmup 1 --setups hippo --pipelines c,d --workers 0)
-  hippo_args=(--budget-min 0.05 --epochs 1 --manifest sample_data/hippocampus/manifest.json --config demo.json)
+  hippo_args=(--budget-min 0.05 --folds 0 --manifest sample_data/hippocampus/manifest.json)
 fi
 status=0
 run() {  # name, then the command; a failing bench is recorded and the others still run

@@ -76,7 +76,14 @@ def manifest_validate(a) -> int:
 def plan(a) -> int:
     from app.planning.fingerprint import plan_from_manifest
 
-    result = plan_from_manifest(a.manifest, a.output, modality=a.modality)
+    result = plan_from_manifest(
+        a.manifest,
+        a.output,
+        modality=a.modality,
+        gpu_memory_gb=a.gpu_memory,
+        base_features=a.base_features,
+        amp=not a.float32,
+    )
     _print_json({k: result[k] for k in result if k != "fingerprint"} if isinstance(result, dict) else result)
     return 0
 
@@ -85,12 +92,16 @@ def plan(a) -> int:
 def train(a) -> int:
     from app.training.train import train as run_train
 
+    if str(a.fold).strip().lower() == "all":
+        return _train_cv(a)
+    if not str(a.fold).strip().isdigit():
+        raise ConfigError(f"expected a fold number or 'all', got {a.fold!r}", "--fold")
     if a.nproc and a.nproc > 1:
         return _launch(a)
     res = run_train(
         a.bundle,
         a.manifest,
-        a.fold,
+        int(a.fold),
         a.epochs,
         a.device,
         a.out,
@@ -101,6 +112,7 @@ def train(a) -> int:
         overrides=_overrides(a),
         trust=a.trust_bundle,
         tracking_fallback=a.tracking_fallback,
+        plan=a.plan,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         final = res.get("final") or res.get("last") or {}
@@ -130,6 +142,40 @@ def _register(name: str, run: dict | None) -> None:
         f"registry:   models:/{mv.name}/{mv.version} (from runs:/{mv.run_id}/{FINAL_MODEL}) "
         f"in {redact(run['tracking_uri'])}"
     )
+
+
+def _train_cv(a) -> int:
+    """``--fold all``: every fold (``--nproc N``: N folds at a time), the CV summary and the ensemble."""
+    from app.training.cv import train_cv
+
+    res = train_cv(
+        a.bundle,
+        a.manifest,
+        epochs=a.epochs,
+        device=a.device,
+        output_dir=a.out,
+        resume=a.resume,
+        tracking_uri=a.tracking_uri,
+        seed=a.seed,
+        extra_configs=a.config or (),
+        overrides=_overrides(a),
+        trust=a.trust_bundle,
+        plan=a.plan,
+        nproc=a.nproc or 1,
+    )
+    s = res["summary"]
+    for name in s["labels"]:
+        st = s["pooled"]["dice"][name]
+        per_fold = "  ".join(f"{s['per_fold'][k]['dice'][name]['mean']:.4f}" for k in sorted(s["per_fold"]))
+        print(f"CV dice {name:12s} {st['mean']:.4f} ± {st['sd']:.4f}  (folds: {per_fold})")
+    pp = s["postprocessing"]
+    print(f"postprocessing: {pp['description']}")
+    out = res["output_dir"]
+    print(f"outputs:    {out}  (cv_summary.json, cv_cases.csv, fold_*/; use it with --run {out})")
+    if res.get("mlflow"):
+        m = res["mlflow"]
+        print(f"mlflow:     parent run {m['run_name']} ({m['run_id']}) in {m['tracking_uri']}")
+    return 0
 
 
 def _launch(a) -> int:
@@ -209,6 +255,10 @@ def _infer(a, src: Path) -> int:
         trust=a.trust_bundle,
         segments_file=a.segments,
     )
+    from app.networks.ensemble import describe, set_mirroring
+
+    model.network, _ = set_mirroring(model.network, getattr(a, "tta", "auto"))
+    print("model:   " + describe(model.network))
     segmenter = Segmenter(model, seg_type=a.seg_type)
     if dicom:
         res = segmenter.dicom(

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a bundle on a manifest fold")
     t.add_argument("bundle", help="bundle name (shipped or downloaded) or a bundle folder")
     t.add_argument("--manifest", help="data manifest (default: the bundle's sample data)")
-    t.add_argument("--fold", type=int, default=0)
+    t.add_argument("--fold", default="0", help="fold K, or 'all': every fold, a CV summary and the fold ensemble")
+    t.add_argument("--plan", help="a `segapp plan` file: its spacing, normalisation, patch, batch and network")
     t.add_argument("--epochs", type=int)
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     t.add_argument("--out", help="output folder (checkpoints, models, metrics, MLflow store); a bundle of its own")
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="source series with blank Study/Series/FrameOfReference UIDs: derive stable ones instead of refusing",
     )
     i.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse)")
+    i.add_argument(
+        "--tta",
+        choices=("auto", "mirror", "none"),
+        default="auto",
+        help="mirroring test-time augmentation: the bundle's setting (auto), all 8 flips (mirror), or none",
+    )
     _model_options(i)
     i.set_defaults(func=c.infer)
 
@@ -198,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--manifest", required=True)
     pl.add_argument("--output", default=None)
     pl.add_argument("--modality", default="auto", help="CT | MR | auto")
+    pl.add_argument("--gpu-memory", type=float, default=8.0, help="training memory budget in GiB (default 8)")
+    pl.add_argument("--base-features", type=int, default=32, help="the U-Net's first width (default 32)")
+    pl.add_argument("--float32", action="store_true", help="plan float32 training (CPU) rather than AMP (GPU)")
     pl.set_defaults(func=c.plan)
 
     b = sub.add_parser("bundle", help="list, download, trust and verify MONAI bundles")

@@ -2,17 +2,33 @@
 
 MONAI's MeanDice handler reduces to one number (or a tensor that trackers can't log); we want
 ``val_dice_<label>``, ``val_hd95_<label>`` and their means, reduced across DDP ranks.
+
+**Per-case tables** (:func:`case_metrics`, :func:`summarize_rows`; the cross-validation summary of
+``app.training.cv`` uses them): one row per case and label, computed with MONAI's metrics on one
+case's integer label maps ``(X, Y, Z)`` with its voxel size (mm), so distances are in mm and volumes
+in mL whatever the orientation:
+
+* ``dice``: MONAI ``DiceMetric``; NaN when the label is absent from both maps, 0 when only the
+  prediction has it.
+* ``hd95_mm``: MONAI ``HausdorffDistanceMetric(percentile=95)``; NaN when either map lacks the label.
+* ``surface_dice``: MONAI ``SurfaceDiceMetric`` (normalised surface Dice, Nikolov et al. 2021) at
+  ``tolerance_mm``: the fraction of both boundaries (voxels of the label with a 6-neighbour outside
+  it) within the tolerance of the other boundary; 0 when only one map has the label.
+* ``volume_ref_ml``, ``volume_pred_ml``, ``volume_error_ml`` (prediction minus reference).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
+from monai.networks.utils import one_hot
 from monai.utils import evenly_divisible_all_gather
 
 from app.io.geometry import voxel_spacing
@@ -116,3 +132,86 @@ class SegmentationMetrics(Metric):
 
     def attach(self, engine: Engine, name: str = "segmentation_metrics", usage=None) -> None:  # type: ignore[override]
         super().attach(engine, name)
+
+
+# -- per-case tables -----------------------------------------------------------------------------------
+CASE_COLUMNS = ("dice", "hd95_mm", "surface_dice", "volume_ref_ml", "volume_pred_ml", "volume_error_ml")
+
+
+def _onehot(labels: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    return one_hot(t[None, None], num_classes=num_classes, dim=1)
+
+
+def case_metrics(
+    pred: np.ndarray | torch.Tensor,
+    ref: np.ndarray | torch.Tensor,
+    spacing_mm: Sequence[float],
+    labels: Mapping[int, str],
+    tolerance_mm: float = 1.0,
+) -> list[dict]:
+    """One row per foreground label of ``labels`` (``{value: name}``, 0 = background, skipped).
+
+    Args:
+        pred, ref: integer label maps ``(X, Y, Z)`` on the same voxel grid.
+        spacing_mm: voxel size along X, Y, Z (mm).
+        labels: label values and names.
+        tolerance_mm: the surface Dice tolerance.
+
+    Returns:
+        ``[{"label": name, "value": v, "dice", "hd95_mm", "surface_dice", "volume_ref_ml",
+        "volume_pred_ml", "volume_error_ml"}, ...]`` (floats; NaN where undefined).
+    """
+    pred_a, ref_a = np.asarray(pred), np.asarray(ref)
+    if pred_a.shape != ref_a.shape or pred_a.ndim != 3:
+        raise ValueError(f"prediction {pred_a.shape} and reference {ref_a.shape} must be the same 3D grid")
+    values = sorted(int(v) for v in labels if int(v) != 0)
+    n = max(values + [int(pred_a.max()), int(ref_a.max())]) + 1
+    p, r = _onehot(pred_a, n), _onehot(ref_a, n)
+    spacing = [float(s) for s in spacing_mm]
+    voxel_ml = math.prod(spacing) / 1000.0
+    with warnings.catch_warnings():  # empty labels: MONAI warns, we report NaN
+        warnings.simplefilter("ignore")
+        dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(p, r)[0]
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(p, r, spacing=spacing)[0]
+        nsd = SurfaceDiceMetric([float(tolerance_mm)] * n, include_background=True, reduction="none")(
+            p, r, spacing=spacing
+        )[0]
+    rows = []
+    for v in values:
+        in_p, in_r = bool(p[0, v].any()), bool(r[0, v].any())
+        vol_p, vol_r = float(p[0, v].sum()) * voxel_ml, float(r[0, v].sum()) * voxel_ml
+        rows.append(
+            {
+                "label": str(labels.get(v, labels.get(str(v), v))),  # type: ignore[call-overload]
+                "value": v,
+                # MONAI's ignore_empty gives NaN whenever the reference lacks the label: a false
+                # positive scores 0 here
+                "dice": (float(dice[v]) if in_r else 0.0) if (in_p or in_r) else math.nan,
+                "hd95_mm": float(hd[v]) if (in_p and in_r) else math.nan,
+                "surface_dice": float(nsd[v]) if (in_p and in_r) else (0.0 if (in_p or in_r) else math.nan),
+                "volume_ref_ml": vol_r,
+                "volume_pred_ml": vol_p,
+                "volume_error_ml": vol_p - vol_r,
+            }
+        )
+    return rows
+
+
+def _stats(values: Iterable[float]) -> dict:
+    vals = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if not len(vals):
+        return {"mean": math.nan, "sd": math.nan, "n": 0}
+    return {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, "n": int(len(vals))}
+
+
+def summarize_rows(rows: Sequence[Mapping], columns: Sequence[str] = CASE_COLUMNS) -> dict:
+    """``{column: {label: {"mean", "sd", "n"}, "mean": <mean over labels of the label means>}}``
+    over per-case rows (NaN rows left out; sd with ddof 1)."""
+    names = list(dict.fromkeys(str(r["label"]) for r in rows))
+    out: dict = {}
+    for col in columns:
+        per = {name: _stats(float(r[col]) for r in rows if str(r["label"]) == name) for name in names}
+        means = [s["mean"] for s in per.values() if math.isfinite(s["mean"])]
+        out[col] = {**per, "mean": float(np.mean(means)) if means else math.nan}
+    return out

@@ -10,6 +10,14 @@ With ``features=(32, 64, 128, 256)`` the channel plan is the paper's: 32→64 | 
 bottom 256→512; up: 512 + 256 → 256, 256; 256 + 128 → 128, 128; 128 + 64 → 64, 64; 1×1×1 → classes.
 Padded convolutions keep the output the size of the input, which must be divisible by
 ``2 ** (len(features) - 1)`` in every spatial dimension.
+
+**Deep supervision** (nnU-Net, Isensee et al. 2021; optional): 1×1×1 heads on the synthesis path's
+coarser levels give extra logits that the loss also scores. In training mode the network then returns
+``(B, L, C, X, Y, Z)``: level 0 is the full-resolution output, level ``l`` the head ``l`` levels
+coarser, upsampled trilinearly to the input size (as MONAI's ``DynUNet`` does, so the output is one
+tensor and TorchScript-able). nnU-Net gives the coarsest synthesis level weight 0, so it gets no head
+here: ``depth - 2`` extra heads. In eval mode the output is always ``(B, C, X, Y, Z)``.
+:func:`deep_supervision_weights` gives nnU-Net's loss weights (halving per level, normalised).
 """
 
 from __future__ import annotations
@@ -18,7 +26,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """nnU-Net's deep-supervision loss weights for ``levels`` outputs: ``1, 1/2, 1/4, ...``, summing to 1."""
+    raw = [0.5**i for i in range(max(1, int(levels)))]
+    return [w / sum(raw) for w in raw]
 
 
 def _double_conv(in_ch: int, mid_ch: int, out_ch: int, norm: str | tuple, dropout: float) -> nn.Sequential:
@@ -42,6 +57,8 @@ class UNet3D(nn.Module):
         norm: MONAI norm name: "batch" (the paper), "instance", or a tuple with arguments.
         dropout: dropout probability after each convolution (0 disables).
         spatial_dims: kept for MONAI bundle compatibility; only 3 is supported.
+        deep_supervision: add heads on the coarser synthesis levels (see the module docstring);
+            in training mode the output gains a level axis: ``(B, L, C, X, Y, Z)``.
     """
 
     def __init__(
@@ -52,6 +69,7 @@ class UNet3D(nn.Module):
         norm: str | tuple = "batch",
         dropout: float = 0.0,
         spatial_dims: int = 3,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         if spatial_dims != 3:
@@ -74,8 +92,21 @@ class UNet3D(nn.Module):
             self.decoders.append(_double_conv(ch + skip_ch, skip_ch, skip_ch, norm, dropout))
             ch = skip_ch
         self.head = nn.Conv3d(ch, out_channels, kernel_size=1)
+        self.deep_supervision = bool(deep_supervision)
+        # heads on decoders 1 .. depth-2 (decoder 0 is the coarsest, nnU-Net's weight-0 level)
+        self.ds_heads = nn.ModuleList(
+            [nn.Conv3d(skip_ch, out_channels, kernel_size=1) for skip_ch in list(reversed(skip_channels[:-1]))[1:-1]]
+            if self.deep_supervision
+            else []
+        )
+
+    @property
+    def supervision_levels(self) -> int:
+        """Outputs the loss sees in training mode (1 without deep supervision)."""
+        return 1 + len(self.ds_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
         skips: list[torch.Tensor] = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:
@@ -83,7 +114,19 @@ class UNet3D(nn.Module):
             x = encoder(x)
             skips.append(x)
         skips.pop()  # the bottom level feeds the first up-sampler directly
-        for upsampler, decoder in zip(self.upsamplers, self.decoders):
+        coarse: list[torch.Tensor] = []
+        n_dec = len(self.decoders)
+        for i, (upsampler, decoder) in enumerate(zip(self.upsamplers, self.decoders)):
             x = upsampler(x)
             x = decoder(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+            if self.training and self.deep_supervision and 1 <= i < n_dec - 1:
+                coarse.append(x)
+        out = self.head(x)
+        if not (self.training and self.deep_supervision) or len(coarse) == 0:
+            return out
+        levels = [out]
+        # coarse[j] comes from decoder j + 1 (coarse to fine); inserting each after the main output
+        # leaves the levels ordered fine to coarse
+        for j, head in enumerate(self.ds_heads):
+            levels.insert(1, F.interpolate(head(coarse[j]), size=size, mode="trilinear", align_corners=False))
+        return torch.stack(levels, dim=1)

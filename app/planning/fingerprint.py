@@ -10,8 +10,14 @@ Follows nnU-Net's experiment planning (Isensee et al., Nature Methods 2021) in s
 * The **plan** picks the target spacing (median spacing; for anisotropic data the low-resolution
   axis gets the 10th percentile instead), the normalisation of each channel (CT: clip to the
   foreground percentiles, then z-score with the data-set foreground mean/std; MR: per-case z-score
-  over nonzero voxels) and a patch size (median size at the target spacing, rounded up to a multiple
-  of 16, at most 128 per axis).
+  over nonzero voxels) and, with :mod:`app.planning.planner`, the patch size, batch size and the
+  3D U-Net's depth and width that fit a memory budget (``--gpu-memory``).
+
+The plan file is a **config overlay**: its top-level keys (``target_spacing``, ``patch_size``,
+``batch_size``, ``features``, ``preprocessing`` with ``NormalizeFromPland``) are bundle config keys, so
+``segapp train BUNDLE --plan plan.json`` and MONAI's runner
+(``--config_file "['configs/train.json','plan.json']"``) train with them; everything else the planner
+worked out is under ``plan``.
 
 Cases are read one at a time with nibabel, so memory stays at about one volume.
 """
@@ -32,12 +38,16 @@ import numpy as np
 from app.errors import ConfigError, InputError
 from app.io.atomic import atomic_write_text
 from app.io.geometry import same_grid, voxel_spacing
+from app.planning.planner import GIB, plan_network
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["compute_fingerprint", "load_plan", "make_plan", "plan_from_manifest", "write_plan"]
+__all__ = ["compute_fingerprint", "load_plan", "make_plan", "plan_from_manifest", "plan_overlay", "write_plan"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+DEFAULT_GPU_MEMORY_GB = 8.0  # nnU-Net's default target
+# the overlay's keys that are bundle config keys (the rest of the plan goes under "plan")
+OVERLAY_KEYS = ("target_spacing", "patch_size", "batch_size", "features", "normalization")
 MODALITIES = ("CT", "MR")
 # A CT holds air (about -1000 HU) somewhere; MR intensities are (almost always) >= 0.
 _CT_AUTO_MIN_HU = -500.0
@@ -271,18 +281,18 @@ def compute_fingerprint(
     }
 
 
-def _round_up(value: float, multiple: int) -> int:
-    return int(math.ceil(value / multiple - 1e-9)) * multiple
-
-
 def make_plan(
     fingerprint: Mapping[str, Any],
     *,
     anisotropy_threshold: float = 3.0,
-    patch_multiple: int = 16,
-    max_patch_size: int = 128,
+    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
+    num_classes: int = 2,
+    base_features: int = 32,
+    min_batch: int = 2,
+    max_patch_size: int = 256,
+    amp: bool = True,
 ) -> dict:
-    """Training plan (target spacing, normalisation, patch size) from a fingerprint.
+    """Training plan (target spacing, normalisation, patch, batch, network) from a fingerprint.
 
     Target spacing: the per-axis median spacing. When its largest over its smallest entry exceeds
     ``anisotropy_threshold``, the largest (low-resolution) axis takes the 10th percentile of the
@@ -290,15 +300,17 @@ def make_plan(
     axis. (nnU-Net also requires the median size on that axis to be small; the spacing ratio alone
     decides here.)
 
-    Patch size: per axis, the median over cases of the size (voxels) after resampling to the
-    target spacing, rounded up to a multiple of ``patch_multiple`` and capped at ``max_patch_size``.
-    A multiple of 16 suits networks with up to four 2× down-samplings (UNet3D, VNet depth 4).
+    Patch, batch and network (:func:`app.planning.planner.plan_network`): the median size (voxels)
+    at the target spacing (capped at ``max_patch_size``), poolings down to a 4-voxel feature map,
+    shrunk until the estimated training memory of a batch of ``min_batch`` fits ``gpu_memory_gb``
+    (AMP activations when ``amp``), then the batch grown within the budget and nnU-Net's 5 % cap.
 
     Returns:
         ``{"plan_version", "modality", "target_spacing" (mm, along i/j/k of RAS-oriented arrays),
         "anisotropic", "low_resolution_axis", "median_spacing", "median_shape",
-        "median_shape_at_target", "patch_size" (voxels), "normalization" (one dict per channel:
-        {"channel", "scheme": "CT", "lower", "upper", "mean", "std"} (HU) or
+        "median_shape_at_target", "patch_size" (voxels), "batch_size", "features" (``UNet3D``),
+        "network" (the planner's record, with the memory estimate), "normalization" (one dict per
+        channel: {"channel", "scheme": "CT", "lower", "upper", "mean", "std"} (HU) or
         {"channel", "scheme": "MR", "nonzero": true}), "num_cases", "fingerprint"}``.
     """
     try:
@@ -320,7 +332,18 @@ def make_plan(
         target[low_axis] = max(float(np.percentile(spacings[:, low_axis], 10)), float(others.max()))
     resampled = np.round(shapes * spacings / target)
     median_at_target = np.median(resampled, axis=0)
-    patch = [int(min(max(_round_up(s, patch_multiple), patch_multiple), max_patch_size)) for s in median_at_target]
+    net = plan_network(
+        [float(v) for v in median_at_target],
+        int(len(spacings)),
+        int(float(gpu_memory_gb) * GIB),
+        in_channels=len(modality),
+        num_classes=int(num_classes),
+        base_features=int(base_features),
+        min_batch=int(min_batch),
+        max_patch=int(max_patch_size),
+        spacing=[float(v) for v in target],
+        activation_bytes=2 if amp else 4,
+    )
     normalization = []
     for c, mod in enumerate(modality):
         if mod == "CT":
@@ -346,36 +369,76 @@ def make_plan(
         "median_spacing": [float(v) for v in median],
         "median_shape": [float(v) for v in np.median(shapes, axis=0)],
         "median_shape_at_target": [float(v) for v in median_at_target],
-        "patch_size": patch,
+        "patch_size": net.patch_size,
+        "batch_size": net.batch_size,
+        "features": net.features,
+        "network": {**net.as_dict(), "num_classes": int(num_classes), "amp": bool(amp)},
         "normalization": normalization,
         "num_cases": int(len(spacings)),
         "fingerprint": dict(fingerprint),
     }
 
 
+def plan_preprocessing(normalization: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """segapp's bundle preprocessing (load, finite check, RAS, ``@target_spacing``) with the plan's
+    normalisation (``NormalizeFromPland`` with the plan's entries inline, so the list stands alone)."""
+    both = ["image", "label"]
+    return [
+        {"_target_": "app.transforms.load.LoadCased", "keys": both},
+        {"_target_": "app.transforms.intensity.CheckFinited", "keys": "image"},
+        {"_target_": "Orientationd", "keys": both, "axcodes": "RAS", "allow_missing_keys": True},
+        {
+            "_target_": "Spacingd",
+            "keys": both,
+            "pixdim": "@target_spacing",
+            "mode": ["bilinear", "nearest"],
+            "allow_missing_keys": True,
+        },
+        {
+            "_target_": "app.transforms.intensity.NormalizeFromPland",
+            "keys": "image",
+            "plan": {"normalization": [dict(n) for n in normalization]},
+            "check_finite": False,
+        },
+    ]
+
+
+def plan_overlay(plan: Mapping[str, Any]) -> dict:
+    """The plan as a bundle config overlay: config keys on top, the whole plan under ``"plan"``."""
+    overlay: dict[str, Any] = {"plan_version": PLAN_VERSION}
+    overlay.update({k: plan[k] for k in OVERLAY_KEYS if k in plan})
+    overlay["preprocessing"] = plan_preprocessing(plan["normalization"])
+    overlay["plan"] = {k: v for k, v in plan.items() if k not in OVERLAY_KEYS}
+    return overlay
+
+
 def write_plan(plan: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``plan`` as indented JSON, atomically. Returns the path."""
-    return atomic_write_text(path, json.dumps(plan, indent=2) + "\n")
+    """Write ``plan`` as its config overlay (:func:`plan_overlay`), indented JSON, atomically."""
+    return atomic_write_text(path, json.dumps(plan_overlay(plan), indent=2) + "\n")
 
 
 def load_plan(path: str | os.PathLike) -> dict:
-    """Read a plan JSON written by :func:`write_plan`; :class:`ConfigError` when it is not one."""
+    """Read a plan file written by :func:`write_plan` (the plan, as :func:`make_plan` returned it);
+    :class:`ConfigError` when it is not one."""
     try:
         with open(path, encoding="utf-8") as fh:
-            plan = json.load(fh)
+            doc = json.load(fh)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the plan: {exc}", path=str(path)) from exc
     missing = [
         k
-        for k in ("plan_version", "target_spacing", "patch_size", "normalization")
-        if not isinstance(plan, dict) or k not in plan
+        for k in ("plan_version", "target_spacing", "patch_size", "normalization", "plan")
+        if not isinstance(doc, dict) or k not in doc
     ]
     if missing:
         raise ConfigError(f"not a segapp plan (missing {missing})", path=str(path))
-    if plan["plan_version"] != PLAN_VERSION:
+    if doc["plan_version"] != PLAN_VERSION:
         raise ConfigError(
-            f"plan version {plan['plan_version']} is not supported (expected {PLAN_VERSION})", path=str(path)
+            f"plan version {doc['plan_version']} is not supported (expected {PLAN_VERSION}): run `segapp plan` again",
+            path=str(path),
         )
+    plan = dict(doc["plan"])
+    plan.update({k: doc[k] for k in OVERLAY_KEYS if k in doc})
     return plan
 
 
@@ -383,6 +446,9 @@ def plan_from_manifest(
     manifest_path: str | os.PathLike,
     output_path: str | os.PathLike | None = None,
     modality: str | Sequence[str] = "auto",
+    gpu_memory_gb: float = DEFAULT_GPU_MEMORY_GB,
+    base_features: int = 32,
+    amp: bool = True,
     **fingerprint_kwargs: Any,
 ) -> dict:
     """Fingerprint every case of a data manifest and write the plan (``segapp plan``).
@@ -391,6 +457,8 @@ def plan_from_manifest(
         manifest_path: a ``segapp-manifest/1`` file (see :mod:`app.data.manifest`).
         output_path: plan JSON to write; default ``plan.json`` next to the manifest.
         modality: ``"CT"``, ``"MR"``, ``"auto"`` or one per channel.
+        gpu_memory_gb: training memory budget (GiB) for :func:`make_plan`; base_features: the
+            U-Net's first width; amp: plan float16 activations (GPU) rather than float32 (CPU).
         **fingerprint_kwargs: passed to :func:`compute_fingerprint` (``max_voxels_per_case``,
             ``seed``). The manifest's ``ignore_value`` is excluded from the foreground.
 
@@ -403,16 +471,27 @@ def plan_from_manifest(
     datalist = fold_datalist(manifest, 0, "all")
     fingerprint_kwargs.setdefault("ignore_label", manifest.ignore_value)
     fingerprint = compute_fingerprint(datalist, modality=modality, **fingerprint_kwargs)
-    plan = make_plan(fingerprint)
+    plan = make_plan(
+        fingerprint,
+        gpu_memory_gb=gpu_memory_gb,
+        num_classes=len(manifest.labels),
+        base_features=base_features,
+        amp=amp,
+    )
     plan["manifest"] = {"name": manifest.name, "content_hash": manifest.content_hash}
     output_path = Path(output_path) if output_path is not None else manifest.path.parent / "plan.json"
     write_plan(plan, output_path)
     logger.info(
-        "plan for %d case(s) written to %s: spacing %s mm, patch %s, normalisation %s",
+        "plan for %d case(s) written to %s: spacing %s mm, patch %s, batch %d, features %s, "
+        "normalisation %s, estimated %.2f of %.2f GiB",
         plan["num_cases"],
         output_path,
         plan["target_spacing"],
         plan["patch_size"],
+        plan["batch_size"],
+        plan["features"],
         [n["scheme"] for n in plan["normalization"]],
+        plan["network"]["estimated_gib"],
+        plan["network"]["budget_gib"],
     )
     return plan

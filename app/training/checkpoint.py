@@ -3,10 +3,15 @@
 Layout under ``output_dir``::
 
     checkpoints/last.pt   network, optimizer, scheduler, trainer epoch/iteration, metric history, RNG snapshot
-    models/best.pt        network weights at the best validation score
-    models/model.pt       network weights at the end of training (MONAI bundle convention)
+    models/best.pt        network weights at the best (smoothed) validation score
+    models/final.pt       network weights at the end of training
+    models/model.pt       the weights the run ships (MONAI bundle convention): ``best.pt`` by default
+                          (``model_weights="best"``, nnU-Net's choice), else ``final.pt``
     metrics.json          per-epoch metric history and the final metrics
 
+The best checkpoint is chosen on an exponential moving average of the key metric (nnU-Net:
+``ema = 0.9 * ema + 0.1 * dice`` after each validation), so that one lucky validation does not pick
+it; ``patience`` stops training when that average has not improved for so many validations.
 Every file is written to a temp file and renamed, so a killed run never leaves a torn checkpoint.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -45,6 +51,9 @@ class RunCheckpointer:
         key_metric: metric that selects ``models/best.pt`` (higher is better).
         resume: load ``checkpoints/last.pt`` when training starts, if present.
         enabled: False on non-zero DDP ranks (they load but never write).
+        ema: smoothing of the key metric for the choice of ``best.pt`` (0 = the raw metric; nnU-Net 0.9).
+        patience: stop after this many validations without a new best smoothed score (None: never).
+        model_weights: ``"best"`` or ``"final"``: what ``models/model.pt`` holds at the end.
     """
 
     def __init__(
@@ -57,7 +66,18 @@ class RunCheckpointer:
         key_metric: str = "val_mean_dice",
         resume: bool = False,
         enabled: bool = True,
+        ema: float = 0.0,
+        patience: int | None = None,
+        model_weights: str = "best",
     ):
+        if not 0.0 <= float(ema) < 1.0:
+            raise InputError(f"ema must be in [0, 1), got {ema}", "RunCheckpointer")
+        if model_weights not in ("best", "final"):
+            raise InputError(f"model_weights must be 'best' or 'final', got {model_weights!r}", "RunCheckpointer")
+        self.ema = float(ema)
+        self.patience = int(patience) if patience else None
+        self.model_weights = model_weights
+        self.smoothed: float | None = None
         self.output_dir = Path(output_dir)
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
         self.evaluator = evaluator
@@ -96,6 +116,7 @@ class RunCheckpointer:
         engine.state.iteration = int(ckpt["iteration"])
         self.history = list(ckpt.get("history", []))
         self.best = dict(ckpt.get("best", self.best))
+        self.smoothed = ckpt.get("smoothed", None)
         log.info("resumed from %s at epoch %d", self.last_path, engine.state.epoch)
 
     def save(self, engine: Engine) -> None:
@@ -105,11 +126,24 @@ class RunCheckpointer:
                 {k: float(v) for k, v in self.evaluator.state.metrics.items() if isinstance(v, (int, float))}
             )
         entry = {"epoch": engine.state.epoch, **metrics}
+        validated = self.evaluator is None or getattr(self.evaluator.state, "epoch", None) == engine.state.epoch
+        score: float | None = metrics.get(self.key_metric) if validated else None
+        if score is not None and math.isfinite(score):
+            self.smoothed = score if self.smoothed is None else self.ema * self.smoothed + (1 - self.ema) * score
+            score = self.smoothed
+            entry[f"ema_{self.key_metric}"] = score
         self.history = [h for h in self.history if h["epoch"] < engine.state.epoch] + [entry]
-        score = metrics.get(self.key_metric)
-        improved = score is not None and score > self.best["metric"]
-        if improved:
-            self.best = {"metric": score, "epoch": engine.state.epoch}
+        improved = score is not None and math.isfinite(score) and score > self.best["metric"]
+        if improved and score is not None:
+            self.best = {"metric": float(score), "epoch": engine.state.epoch}
+        if self.patience and validated and engine.state.epoch - int(self.best["epoch"]) >= self.patience:
+            log.info(
+                "early stop at epoch %d: no better %s since epoch %d",
+                engine.state.epoch,
+                self.key_metric,
+                self.best["epoch"],
+            )
+            engine.terminate()
         if not self.enabled:
             return
         if improved:
@@ -123,6 +157,7 @@ class RunCheckpointer:
                 "iteration": engine.state.iteration,
                 "history": self.history,
                 "best": self.best,
+                "smoothed": self.smoothed,
                 "rng": rng_state(),  # for the record; resume reseeds from (seed, epoch), see seeding.py
             },
             self.last_path,
@@ -130,15 +165,23 @@ class RunCheckpointer:
         self._write_metrics(final=False)
 
     def finish(self, engine: Engine) -> None:
-        if self.enabled:
-            _save(self._net().state_dict(), self.output_dir / "models" / "model.pt")
-            self._write_metrics(final=True)
+        if not self.enabled:
+            return
+        final = self.output_dir / "models" / "final.pt"
+        _save(self._net().state_dict(), final)
+        best = self.output_dir / "models" / "best.pt"
+        src = best if self.model_weights == "best" and best.is_file() and self.best["epoch"] else final
+        with atomic_path(self.output_dir / "models" / "model.pt") as tmp:
+            shutil.copyfile(src, tmp)
+        self._write_metrics(final=True)
 
     def _write_metrics(self, final: bool) -> None:
         last = self.history[-1] if self.history else {}
-        atomic_write_text(
-            self.output_dir / "metrics.json",
-            json.dumps(
-                {"final": last if final else None, "last": last, "best": self.best, "history": self.history}, indent=2
-            ),
-        )
+        doc = {
+            "final": last if final else None,
+            "last": last,
+            "best": self.best,
+            "model_weights": self.model_weights if final else None,
+            "history": self.history,
+        }
+        atomic_write_text(self.output_dir / "metrics.json", json.dumps(doc, indent=2))

@@ -3,9 +3,13 @@
 ``write_run_bundle`` writes ``DIR/configs/inference.json`` and ``evaluate.json``: the bundle's own
 configs with the run's overlays (e.g. ``demo.json``) and overrides applied where they touch a key of
 that config (the network's width, the patch size), macros expanded so the folder stands alone,
-``bundle_root`` ``"."``. ``metadata.json`` and the licence are copied. The folder's config digest
-is recorded as trusted (``app.bundle.trust``): segapp wrote these configs, and an edited copy is no
-longer trusted. ``models/model.pt`` is written by the checkpointer at the end of training.
+``bundle_root`` ``"."``. An overlay's ``preprocessing`` list (a plan's, ``segapp train --plan``) replaces
+the transforms of a config whose ``preprocessing`` is a ``Compose``. A bundle whose ``network_def``
+is an ensemble over ``fold_network_def`` (a shipped cross-validation model) trains one fold network,
+so a one-fold run's ``network_def`` is that fold network. ``metadata.json`` and the licence are
+copied. The folder's config digest is recorded as trusted (``app.bundle.trust``): segapp wrote
+these configs, and an edited copy is no longer trusted. ``models/model.pt`` is written by the
+checkpointer at the end of training.
 """
 
 from __future__ import annotations
@@ -39,11 +43,17 @@ def write_run_bundle(
     for name in RUN_CONFIGS:
         if not has_config(root, name):
             continue
-        cfg = ConfigParser(read_configs(root, [name]))
+        raw = read_configs(root, [name])
+        cfg = ConfigParser(raw)
         for layer in layers:
             for key, value in layer.items():
-                if _top(key) in cfg.get() and _top(key) not in RUNTIME_KEYS:
+                if _top(key) in raw and _top(key) not in RUNTIME_KEYS:
+                    current = raw.get(key)
+                    if key == "preprocessing" and isinstance(value, list) and isinstance(current, dict):
+                        key = "preprocessing#transforms"
                     merge_kv(cfg, key, value)
+        if "fold_network_def" in raw:
+            cfg["network_def"] = "@fold_network_def"
         cfg["bundle_root"] = "."
         write_config(cfg.get(), out / "configs" / f"{name}.json")
     (out / "configs").mkdir(parents=True, exist_ok=True)

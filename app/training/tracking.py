@@ -78,7 +78,9 @@ class MLflowTracker:
         artifacts: list[str] | None = None,
         resume: bool = False,
         enabled: bool = True,
+        parent_run_id: str | None = None,  # a cross-validation run's parent (app.training.cv): tagged as its child
     ):
+        self.parent_run_id = parent_run_id or None
         self.output_dir = Path(output_dir)
         self.tracking_uri = tracking_uri or local_tracking_uri(output_dir)
         self.experiment_name = experiment_name
@@ -126,9 +128,10 @@ class MLflowTracker:
                 location = local_artifact_location(self.output_dir) if self.tracking_uri.startswith("sqlite:") else None
                 exp_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
             name = f"{self.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run = self.client.create_run(
-                exp_id, run_name=name, tags={"segapp.output_dir": str(self.output_dir.resolve())}
-            )
+            tags = {"segapp.output_dir": str(self.output_dir.resolve())}
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = self.client.create_run(exp_id, run_name=name, tags=tags)
             self.run_id = run.info.run_id
             for key, value in self.params.items():
                 self.client.log_param(self.run_id, key, value[:6000])

@@ -15,11 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from app.bundle.config import bundle_parser, run_sections, write_config
+from app.bundle.config import bundle_parser, read_configs, run_sections, write_config
 from app.bundle.store import find_bundle
 from app.bundle.trust import require_trusted
 from app.data.manifest import check_manifest_fold
 from app.errors import ConfigError, EnvError
+from app.planning.fingerprint import load_plan
 from app.runtime.preflight import check_device, check_output_dir, check_tracking_server
 from app.training.run_bundle import write_run_bundle
 
@@ -41,12 +42,17 @@ def train(
     check_checksums: bool = True,
     trust: bool = False,
     tracking_fallback: str = "fail",
+    plan: str | None = None,
 ) -> dict:
     """Train a bundle on a manifest fold. Returns ``metrics.json``'s content plus run locations.
 
     ``tracking_fallback``: ``fail`` (an MLflow server that does not answer is an ``EnvError`` before
     training starts) or ``local`` (train anyway, tracking in the run folder's local store; the result's
     ``tracking_fallback`` says so).
+
+    ``plan``: a ``segapp plan`` file, merged as a config overlay after the bundle's configs and before
+    ``extra_configs`` (target spacing, normalisation, patch and batch size, the U-Net's features; a
+    bundle whose network is not segapp's ``UNet3D`` keeps its own ``features`` and ``patch_size``).
     """
     if tracking_fallback not in ("fail", "local"):
         raise ConfigError(f"expected fail or local, got {tracking_fallback!r}", "--tracking-fallback")
@@ -64,6 +70,18 @@ def train(
         opts["tracking_uri"] = tracking_uri
     if seed is not None:
         opts["seed"] = int(seed)
+    if plan:
+        plan_file = str(Path(plan).resolve())
+        load_plan(plan_file)  # a clear error before anything runs
+        extra_configs = [plan_file, *extra_configs]
+        own = read_configs(ref.root, ["train", *extra_configs[1:]])
+        net = own.get("fold_network_def", own.get("network_def", {}))  # an ensemble bundle trains its member
+        target = str(net.get("_target_", "")) if isinstance(net, dict) else ""
+        if not target.endswith("UNet3D"):  # the plan sizes segapp's UNet3D: its patch fits that network
+            log.info("plan: %s is not UNet3D; keeping the bundle's features and patch size", target or "the network")
+            for key in ("features", "patch_size"):
+                if key in own:
+                    opts.setdefault(key, own[key])
     opts.update(overrides or {})
     require_trusted(ref, trust)
     parser = bundle_parser(ref.root, ["train", *extra_configs], opts)

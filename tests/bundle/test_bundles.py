@@ -178,7 +178,7 @@ def test_monai_runner_segments_the_sample_with_inference_json_alone(bundle, tmp_
     shutil.copytree(BUNDLES_DIR / bundle, root)
     torch.manual_seed(0)
     net = bundle_parser(root, ["inference"]).get_parsed_content("network_def")
-    (root / "models").mkdir()
+    (root / "models").mkdir(exist_ok=True)  # a bundle may ship weights: replaced by random ones here
     torch.save(net.state_dict(), root / "models" / "model.pt")
     cmd = [
         sys.executable,

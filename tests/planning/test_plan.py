@@ -160,7 +160,13 @@ def test_plan_anisotropic_uses_tenth_percentile_on_low_resolution_axis():
     assert plan["target_spacing"] == pytest.approx([0.8, 0.8, np.percentile(z, 10)])  # 2.7 mm
     # sizes at the target spacing: 512 in-plane, 40 * z / 2.7 -> median 74 slices
     assert plan["median_shape_at_target"] == [512.0, 512.0, float(np.median(np.round(40 * np.array(z) / 2.7)))]
-    assert plan["patch_size"] == [128, 128, 80]
+    # 512 x 512 x 74 does not fit 8 GiB: the planner shortens the axes in turn, keeping the patch's
+    # proportions to the median size about equal, each axis a multiple of 2^pools, within the budget
+    patch, net = plan["patch_size"], plan["network"]
+    ratios = [p / m for p, m in zip(patch, plan["median_shape_at_target"])]
+    assert max(ratios) < 1 and max(ratios) - min(ratios) < 0.15, ratios
+    assert all(p % 2 ** net["pools"] == 0 for p in patch) and len(plan["features"]) == net["pools"] + 1
+    assert net["estimated_bytes"] <= net["budget_bytes"] == 8 * 1024**3 and plan["batch_size"] == 2
 
 
 def test_plan_anisotropic_never_finer_than_other_axes_and_threshold():
@@ -174,7 +180,8 @@ def test_plan_anisotropic_never_finer_than_other_axes_and_threshold():
 
 def test_plan_patch_size_rounding_and_cap():
     plan = make_plan(_fp([[2.0, 2.0, 2.0]], [[8, 65, 300]]))
-    assert plan["patch_size"] == [16, 80, 128]
+    # 8 voxels allow one pooling (to 4): even sizes, the long axis capped at 256
+    assert plan["patch_size"] == [8, 66, 256] and plan["network"]["pools"] == 1
     with pytest.raises(ConfigError, match="fingerprint"):
         make_plan({"cases": []})
 
@@ -210,7 +217,9 @@ def test_totalsegmentator_ct():
     assert st["mean"] == pytest.approx(fg.mean()) and st["std"] == pytest.approx(fg.std())
     assert (st["min"], st["max"]) == (fg.min(), fg.max())
     assert plan["target_spacing"] == pytest.approx([3.0, 3.0, 3.0], abs=1e-3)
-    assert plan["patch_size"] == [128, 112, 32]
+    median = plan["median_shape_at_target"]
+    step = 2 ** plan["network"]["pools"]
+    assert all(p % step == 0 and m <= p < m + step for p, m in zip(plan["patch_size"], median))  # fits whole
     assert plan["normalization"][0]["scheme"] == "CT"
     assert plan["normalization"][0]["lower"] == st["percentile_00_5"]
 
@@ -225,7 +234,8 @@ def test_hippocampus_mr_twenty_cases():
     assert plan["target_spacing"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-3)
     assert not plan["anisotropic"]
     assert np.allclose(plan["median_shape"], [35, 50, 36], atol=3)
-    assert plan["patch_size"] == [48, 64, 48]
+    # nnU-Net's plan for Task04: three poolings (35 / 8 >= 4), the median size rounded up to 8
+    assert plan["patch_size"] == [40, 56, 40] and plan["features"] == [32, 64, 128, 160]
     fg = np.concatenate(
         [np.asarray(nib.load(d["image"]).dataobj)[np.asarray(nib.load(d["label"]).dataobj) > 0] for d in datalist]
     ).astype(np.float64)
