@@ -162,6 +162,7 @@ def _train_cv(a) -> int:
         trust=a.trust_bundle,
         plan=a.plan,
         nproc=a.nproc or 1,
+        tracking_fallback=a.tracking_fallback,
     )
     s = res["summary"]
     for name in s["labels"]:

@@ -130,7 +130,7 @@ class SegmentationMetrics(Metric):
         # Flat scalars only: trackers and checkpoint selection read them by name.
         engine.state.metrics.update(self.compute())
 
-    def attach(self, engine: Engine, name: str = "segmentation_metrics", usage=None) -> None:  # type: ignore[override]
+    def attach(self, engine: Engine, name: str = "segmentation_metrics", usage=None) -> None:
         super().attach(engine, name)
 
 

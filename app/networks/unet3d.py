@@ -38,11 +38,11 @@ def deep_supervision_weights(levels: int) -> list[float]:
 
 def _double_conv(in_ch: int, mid_ch: int, out_ch: int, norm: str | tuple, dropout: float) -> nn.Sequential:
     """Two 3×3×3 padded convolutions, each with normalisation and ReLU (MONAI order N-D-A)."""
-    kw = dict(spatial_dims=3, kernel_size=3, act="RELU", norm=norm, dropout=dropout, adn_ordering="NDA")
-    return nn.Sequential(
-        Convolution(in_channels=in_ch, out_channels=mid_ch, **kw),
-        Convolution(in_channels=mid_ch, out_channels=out_ch, **kw),
-    )
+
+    def conv(cin: int, cout: int) -> Convolution:
+        return Convolution(3, cin, cout, kernel_size=3, act="RELU", norm=norm, dropout=dropout, adn_ordering="NDA")
+
+    return nn.Sequential(conv(in_ch, mid_ch), conv(mid_ch, out_ch))
 
 
 class UNet3D(nn.Module):

@@ -55,11 +55,14 @@ _CT_AUTO_MIN_HU = -500.0
 
 def _load(path: str | os.PathLike, what: str) -> nib.spatialimages.SpatialImage:
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
     except FileNotFoundError as exc:
         raise InputError(f"{what} file not found", path=path) from exc
     except Exception as exc:  # nibabel raises several types for corrupt files
         raise InputError(f"cannot read {what} as NIfTI: {exc}", path=path) from exc
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise InputError(f"{what} is not a spatial image", path=path)
+    return img
 
 
 def _read_array(img: nib.spatialimages.SpatialImage, path: str | os.PathLike, what: str) -> np.ndarray:
@@ -237,7 +240,7 @@ def compute_fingerprint(
             logger.warning("case %d: label format %r is not read here; geometry only", index, entry["label_format"])
         cases.append(case)
         del data
-    if not any(m.n for m in moments):
+    if num_channels is None or not any(m.n for m in moments):
         raise InputError(
             f"none of the {len(datalist)} case(s) has labelled foreground voxels: cannot compute intensity statistics"
         )

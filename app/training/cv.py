@@ -49,11 +49,12 @@ from app.bundle.model import load_model
 from app.bundle.store import find_bundle
 from app.bundle.trust import require_trusted, trust_bundle
 from app.data.manifest import check_manifest_fold, fold_datalist, load_manifest
-from app.errors import ConfigError
+from app.errors import ConfigError, EnvError
 from app.evaluation.metrics import CASE_COLUMNS, case_metrics, summarize_rows
 from app.io.atomic import atomic_path, atomic_write_text
 from app.io.geometry import voxel_spacing
 from app.networks.ensemble import MirrorTTA
+from app.runtime.preflight import check_tracking_server
 from app.training.tracking import local_artifact_location, local_tracking_uri
 from app.training.train import train
 
@@ -376,13 +377,15 @@ def train_cv(
     tolerance_mm: float = 1.0,
     mirror_axes: Sequence[int] | None = None,
     half: bool = False,
+    tracking_fallback: str = "fail",
 ) -> dict:
     """Train every fold (``nproc`` at a time, each in its own process when > 1), then :func:`summarize_cv`.
 
     A finished fold (``metrics.json`` final, ``models/model.pt``) is kept; with ``resume`` an
     unfinished one continues from its checkpoint. ``mirror_axes``: the ensemble's mirroring (default:
-    the bundle's ``mirror_axes`` config value, else none). Returns ``{"output_dir", "summary",
-    "folds": [fold results], "mlflow": parent run}``.
+    the bundle's ``mirror_axes`` config value, else none). ``tracking_fallback`` as in
+    :func:`app.training.train.train` (checked once, for the parent run and every fold). Returns
+    ``{"output_dir", "summary", "folds": [fold results], "mlflow": parent run}``.
     """
     ref = find_bundle(bundle)
     require_trusted(ref, trust)
@@ -398,6 +401,13 @@ def train_cv(
         mirror_axes = list(infer_cfg.get("mirror_axes") or raw.get("mirror_axes") or [])
     axes = [int(a) for a in mirror_axes]
     uri = tracking_uri or local_tracking_uri(out)
+    try:
+        check_tracking_server(tracking_uri)
+    except EnvError:
+        if tracking_fallback != "local":
+            raise
+        log.warning("MLflow at --tracking-uri does not answer: tracking in %s instead", out)
+        uri = local_tracking_uri(out)
     params = {
         "bundle": ref.name,
         "folds": json.dumps(fold_list),

@@ -142,6 +142,15 @@ def test_dead_tracking_server_fails_train_within_seconds(tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_dead_tracking_server_fails_cross_validation_before_any_fold(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "cv"
+    rc = main(["train", BUNDLE, "--fold", "all", "--tracking-uri", uri, "--device", "cpu", "--out", str(out)])
+    assert rc == 4
+    assert _line(capsys).startswith(f"segapp: error: --tracking-uri: no MLflow tracking server answers at {uri}")
+    assert not list(out.glob("fold_*"))
+
+
 def test_tracking_server_that_never_answers_times_out():
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never replies
         silent.bind(("127.0.0.1", 0))
