@@ -93,6 +93,8 @@ def train(a) -> int:
     from app.training.train import train as run_train
 
     if str(a.fold).strip().lower() == "all":
+        if a.register:
+            raise ConfigError("registers one model; a cross-validation run has one per fold", "--register")
         return _train_cv(a)
     if not str(a.fold).strip().isdigit():
         raise ConfigError(f"expected a fold number or 'all', got {a.fold!r}", "--fold")

@@ -22,7 +22,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from app import __version__
 from app.errors import ConfigError, InputError
 from app.io.atomic import atomic_path
-from app.io.dicom_source import check_volume_matches_headers, source_series
+from app.io.dicom_source import TYPE2_PATIENT_STUDY, check_volume_matches_headers, source_series
 from app.io.geometry import voxel_to_world
 from app.io.volume import SeriesVolume
 
@@ -48,17 +48,6 @@ _COPIED = (
     "StudyID",
     "AccessionNumber",
     "StudyDescription",
-)
-_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
 )
 
 _DEFAULT_COLORS = [
@@ -149,7 +138,7 @@ def write_rtstruct(
     for kw in _COPIED:
         if kw in first:
             ds[kw] = first[kw]
-    for kw in _TYPE2:
+    for kw in TYPE2_PATIENT_STUDY:
         if kw not in ds:
             setattr(ds, kw, "")
     now = datetime.datetime.now()

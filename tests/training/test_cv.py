@@ -122,3 +122,12 @@ def test_five_folds_summary_files_mlflow_parent_and_children_and_the_ensemble_bu
     steps = BundlePredictor.from_model(model).post.label_steps
     assert [type(s).__name__ for s in steps] == ["KeepLargestConnectedComponentd"]
     assert model.network.passes == 10  # 5 folds x 2 mirrorings
+
+
+def test_register_is_refused_for_a_cross_validation_run(tmp_path, capsys):
+    rc = main(["train", "hippocampus_unet3d", "--fold", "all", "--register", "m", "--out", str(tmp_path / "cv")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "segapp: error: --register: registers one model; a cross-validation run has one per fold"
+    )
+    assert not (tmp_path / "cv").exists()
