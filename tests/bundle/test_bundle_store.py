@@ -183,3 +183,16 @@ def test_a_zip_with_paths_out_of_its_folder_is_refused(tmp_path, server, store, 
     assert main(["bundle", "download", NAME, "--url", f"{url}/b.zip"]) == 2
     assert "Unsafe path" in _error_line(capsys)
     assert not target.exists() and _store_is_empty(store)
+
+
+def test_the_store_defaults_to_the_users_cache_folder(tmp_path, monkeypatch):
+    from app.bundle.store import store_dir
+
+    monkeypatch.delenv("SEGAPP_BUNDLES", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert store_dir() == tmp_path / ".cache" / "segapp" / "bundles"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert store_dir() == tmp_path / "xdg" / "segapp" / "bundles"
+    monkeypatch.setenv("SEGAPP_BUNDLES", str(tmp_path / "mine"))
+    assert store_dir() == tmp_path / "mine"

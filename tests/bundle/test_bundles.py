@@ -25,6 +25,7 @@ from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 from app.bundle.config import bundle_parser, read_configs
 from app.cli import main
+from app.runtime.launch import RECORD_ENV
 
 BUNDLES_DIR = REPO / "bundles"
 SCHEMA = BUNDLES_DIR / "schema" / "meta_schema.json"
@@ -215,6 +216,30 @@ def test_monai_runner_segments_the_sample_with_inference_json_alone(bundle, tmp_
     ours = nib.load(tmp_path / "ours" / sample.name.replace(".nii.gz", "_seg.nii.gz"))
     a, b = np.asarray(theirs.dataobj).reshape(src.shape), np.asarray(ours.dataobj)
     assert (a == b).mean() > 0.999, (a == b).mean()
+
+
+@pytest.mark.slow
+def test_monai_runner_trains_with_the_multi_gpu_overlay_under_torchrun(tmp_path):
+    """``multi_gpu_train.json`` under ``torchrun -m monai.bundle run`` from the bundle's folder: two CPU
+    processes (gloo), each on its own half of the training cases, ending with the same weights."""
+    out, record = tmp_path / "run", tmp_path / "record"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "monai.bundle", "run", "--config_file",
+        "['configs/train.json','configs/demo.json','configs/multi_gpu_train.json']",
+        "--epochs", "1", "--device_name", "cpu", "--output_dir", str(out), "--batch_size", "1",
+    ]  # fmt: skip
+    for key, value in FEW_CASES.items():
+        cmd += [f"--{key}", value]
+    env = {**_env(), RECORD_ENV: str(record)}
+    proc = subprocess.run(cmd, cwd=BUNDLES_DIR / "hippocampus_unet3d", env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "models" / "model.pt").is_file()
+    r0, r1 = (json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["world_size"], r1["world_size"]) == (2, 2)
+    assert len(r0["epochs"]["1"]) == len(r1["epochs"]["1"]) == 2 and not set(r0["epochs"]["1"]) & set(r1["epochs"]["1"])
+    assert r0["weights_sha256"] == r1["weights_sha256"]
 
 
 @pytest.mark.slow

@@ -78,6 +78,10 @@ def test_sr_needs_the_seg(tmp_path):
     vol = read_series(tmp_path / "ct")
     with pytest.raises(ConfigError, match="seg"):
         parse_formats("nifti,sr", dicom=True)
+    for derived in ("seg", "rtstruct", "stats", "sr"):  # a NIfTI input gets NIfTI only
+        with pytest.raises(ConfigError, match="need a DICOM series as input"):
+            parse_formats(f"nifti,{derived}", dicom=False)
+    assert parse_formats(None, dicom=False) == ["nifti"] and parse_formats(None, dicom=True) == ["nifti", "seg"]
     with pytest.raises(DicomError, match="not a DICOM SEG"):
         write_volume_sr(info.files[0], vol.datasets, {1: 1.0}, ("n", "1"), tmp_path / "sr.dcm")
     seg = write_seg(vol, info.mask_ijk, [SegmentSpec.from_dict(s) for s in SEGMENTS], ("n", "1"), tmp_path / "s.dcm")

@@ -196,6 +196,17 @@ def test_tracking_fallback_local_trains_and_says_so(tmp_path, capsys):
 
 
 # -- a genuine bug ---------------------------------------------------------------------------------------
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from app.cli import commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "bundle_list", interrupted)
+    assert main(["bundle", "list"]) == 130
+    assert capsys.readouterr().err.strip() == "segapp: interrupted"
+
+
 def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     from app.cli import commands
 
