@@ -68,7 +68,8 @@ def test_five_folds_summary_files_mlflow_parent_and_children_and_the_ensemble_bu
     overrides = {k: v for k, v in TINY.items() if not k.startswith(("train#", "validate#"))}
     rc = main(
         ["train", "hippocampus_unet3d", "--manifest", str(manifest), "--fold", "all", "--epochs", "1",
-         "--device", "cpu", "--config", "demo.json", "--out", str(cv), "--override", json.dumps(overrides)]
+         "--device", "cpu", "--config", "demo.json", "--out", str(cv), "--override", json.dumps(overrides),
+         "--nproc", "2"]  # two folds at a time, each in its own process
     )  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
