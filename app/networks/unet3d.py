@@ -9,14 +9,16 @@ applies two 3×3×3 convolutions. A 1×1×1 convolution maps to the class logits
 With ``features=(32, 64, 128, 256)`` the channel plan is the paper's: 32→64 | 64→128 | 128→256 |
 bottom 256→512; up: 512 + 256 → 256, 256; 256 + 128 → 128, 128; 128 + 64 → 64, 64; 1×1×1 → classes.
 Padded convolutions keep the output the size of the input, which must be divisible by
-``2 ** (len(features) - 1)`` in every spatial dimension.
+``2 ** (len(features) - 1)`` in every spatial dimension (``forward`` raises a ``ValueError`` naming the
+size and the divisor otherwise).
 
 **Deep supervision** (nnU-Net, Isensee et al. 2021; optional): 1×1×1 heads on the synthesis path's
 coarser levels give extra logits that the loss also scores. In training mode the network then returns
 ``(B, L, C, X, Y, Z)``: level 0 is the full-resolution output, level ``l`` the head ``l`` levels
 coarser, upsampled trilinearly to the input size (as MONAI's ``DynUNet`` does, so the output is one
-tensor and TorchScript-able). nnU-Net gives the coarsest synthesis level weight 0, so it gets no head
-here: ``depth - 2`` extra heads. In eval mode the output is always ``(B, C, X, Y, Z)``.
+tensor and TorchScript-able). The synthesis path has ``depth - 1`` levels: the finest gives the main
+output, and nnU-Net gives the coarsest weight 0, so it gets no head here: ``depth - 3`` extra heads (one for
+``features`` of length 4, none for length 3 or less). In eval mode the output is always ``(B, C, X, Y, Z)``.
 :func:`deep_supervision_weights` gives nnU-Net's loss weights (halving per level, normalised).
 """
 
@@ -77,6 +79,7 @@ class UNet3D(nn.Module):
         if len(features) < 2:
             raise ValueError("features needs at least two levels (one max-pool)")
         self.depth = len(features)
+        self.size_factor: int = 2 ** (self.depth - 1)
         self.encoders = nn.ModuleList()
         ch = in_channels
         skip_channels = []
@@ -107,6 +110,15 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
+        factor = self.size_factor
+        for s in size:
+            if s % factor != 0:
+                raise ValueError(
+                    "UNet3D: spatial input sizes must be divisible by 2 ** (len(features) - 1) = "
+                    + str(factor)
+                    + ", got "
+                    + str(list(size))
+                )
         skips: list[torch.Tensor] = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:

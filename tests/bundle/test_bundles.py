@@ -11,6 +11,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -377,3 +379,134 @@ def test_sparse_padding_stays_unlabelled_and_slice_budget_holds():
         assert planes == sum(parser.get_parsed_content("sparse_slices_per_axis"))
         assert planes / sum(lab.shape) <= 0.05, (planes, lab.shape)
         assert lab.mean() < 0.2
+
+
+# The sparse card's advice for your own sparse annotations: this override skips the synthetic planes.
+OWN_SPARSE_LABELS = {"train#transforms#transforms": "$@preprocessing + @train#crop + @train#augmentation"}
+
+
+def test_sparse_override_for_own_annotations_drops_sparsify_and_keeps_the_labels_255s(tmp_path):
+    # two training cases whose label files already mark the first 10 slices (axis 0) unlabelled (255)
+    sample = json.loads(SAMPLE_MANIFEST.read_text())
+    cases = [dict(c, fold=f) for c, f in zip(sample["cases"][:3], (1, 1, 0))]
+    own_255 = {}
+    for c in cases:
+        for key in ("image", "label"):
+            (tmp_path / c[key]).parent.mkdir(parents=True, exist_ok=True)
+            c.pop("sha256", None)
+        shutil.copy(SAMPLE_MANIFEST.parent / c["image"], tmp_path / c["image"])
+        img = nib.load(SAMPLE_MANIFEST.parent / c["label"])
+        lab = np.asarray(img.dataobj).copy()
+        lab[:10] = IGNORE
+        nib.save(nib.Nifti1Image(lab, img.affine, img.header), tmp_path / c["label"])
+        own_255[c["id"]] = int((lab == IGNORE).sum())
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(
+        json.dumps({**sample, "data_root": ".", "ignore_value": IGNORE, "num_folds": 2, "cases": cases})
+    )
+    big = {"manifest": str(manifest), "patch_size": [64, 64, 64]}  # larger than each crop: padded, not cropped
+    parser = _sparse_parser(**big, **OWN_SPARSE_LABELS)
+    steps = parser.get_parsed_content("train#transforms").transforms
+    assert not any(type(t).__name__ == "SparseSlicesd" for t in steps)
+    ds = parser.get_parsed_content("train#dataset")
+    preprocessing = parser.get_parsed_content("preprocessing")
+    assert len(ds) == 2
+    for i in range(len(ds)):
+        label = np.asarray(ds[i]["label"][0])
+        d = {k: ds.data[i][k] for k in ("image", "label", "id")}
+        for t in preprocessing:
+            d = t(d)
+        dense = np.asarray(d["label"][0])  # the label file after reorientation/resampling, no crop or pad
+        assert int((dense == IGNORE).sum()) == own_255[ds.data[i]["id"]]  # the file's own 255s arrive
+        padding = label.size - dense.size
+        # every voxel of the file keeps its value (255s included); only the padding is added, as 255
+        assert int((label == IGNORE).sum()) == padding + own_255[ds.data[i]["id"]]
+        for v in (0, 1, 2):
+            assert int((label == v).sum()) == int((dense == v).sum()) > 0, v
+    # without the override the synthetic planes are still made: far fewer labelled voxels
+    default = _sparse_parser(**big).get_parsed_content("train#dataset")
+    assert any(type(t).__name__ == "SparseSlicesd" for t in default.transform.transforms)
+    assert float((np.asarray(default[0]["label"][0]) != IGNORE).mean()) < 0.5 * float(
+        (np.asarray(ds[0]["label"][0]) != IGNORE).mean()
+    )
+
+
+def _card_commands(bundle: str) -> list[tuple[Path, list[str]]]:
+    """Each command of the card's ```bash blocks with the folder it runs in (following its ``cd``s;
+    ``(cd X && ...)`` is a subshell)."""
+    text = (BUNDLES_DIR / bundle / "docs" / "README.md").read_text()
+    cwd, commands = REPO, []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            subshell = line.startswith("(") and line.endswith(")")
+            here = cwd
+            for part in (line[1:-1] if subshell else line).split("&&"):
+                argv = shlex.split(part)
+                if argv[0] == "cd":
+                    here = (here / argv[1]).resolve()
+                else:
+                    commands.append((here, argv))
+            if not subshell:
+                cwd = here
+    assert cwd == REPO, f"the card's commands end in {cwd}, not the repository root"
+    return commands
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+RUNNER_CARDS = [b for b in BUNDLES if "monai.bundle" in (BUNDLES_DIR / b / "docs" / "README.md").read_text()]
+
+
+@pytest.mark.parametrize("bundle", RUNNER_CARDS)
+def test_card_commands_find_their_files_from_the_folder_they_run_in(bundle):
+    """The card's MONAI runner, torchrun and verify commands run from the bundle's folder, where the
+    configs' ``%configs/common.json#...`` macros resolve (MONAI reads them from the working directory);
+    its segapp commands run from the repository root, where their manifest is. The two verify
+    commands are run as written."""
+    commands = _card_commands(bundle)
+    kinds = []
+    for cwd, argv in commands:
+        if argv[0] == "segapp":
+            manifest = _option(argv, "--manifest") or ""
+            # the repository's manifests (MY_MANIFEST.json and the like are the reader's own)
+            assert cwd == REPO, argv
+            assert not manifest.startswith("data_manifests/") or (cwd / manifest).is_file(), argv
+            continue
+        assert "monai.bundle" in argv, argv
+        assert cwd == BUNDLES_DIR / bundle, argv
+        sub = argv[argv.index("monai.bundle") + 1]
+        kinds.append((argv[0], sub))
+        configs = (_option(argv, "--config_file") or "").split(",")
+        for name in [c for c in configs if c]:
+            assert (cwd / name).is_file(), (name, argv)
+            for macro in re.findall(r'"%([^"#]+)#', (cwd / name).read_text()):
+                assert (cwd / macro).is_file(), (name, macro)
+        meta, schema = _option(argv, "--meta_file"), _option(argv, "--filepath")
+        for path in (meta, schema):
+            assert path is None or (cwd / path).is_file(), (path, argv)
+        with contextlib.chdir(cwd):
+            if sub == "verify_metadata":
+                verify_metadata(meta_file=meta, filepath=schema)
+            elif sub == "verify_net_in_out":
+                verify_net_in_out(argv[argv.index(sub) + 1], meta_file=meta, config_file=configs, device="cpu")
+    assert sorted(kinds) == [
+        ("python", "run"),
+        ("python", "verify_metadata"),
+        ("python", "verify_net_in_out"),
+        ("torchrun", "run"),
+    ]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_card_case_counts_are_the_manifests(bundle):
+    card = " ".join((BUNDLES_DIR / bundle / "docs" / "README.md").read_text().split())
+    full = len(json.loads((REPO / "data_manifests" / "hippocampus.json").read_text())["cases"])
+    counts = re.findall(r"the (\d+) (?:of them available here|labelled T1-weighted MRI crops listed in)", card)
+    assert counts and {int(c) for c in counts} == {full}, counts
+    if "sample_data/hippocampus/" in card:
+        assert f"ships {len(json.loads(SAMPLE_MANIFEST.read_text())['cases'])} of them for the demo" in card

@@ -120,3 +120,32 @@ def test_a_plan_on_a_network_that_is_not_unet3d_keeps_its_own_network_and_patch(
     assert executed["batch_size"] == plan["batch_size"] and executed["preprocessing"][-1]["_target_"].endswith(
         "NormalizeFromPland"
     )
+
+
+def test_the_plan_cli_writes_its_options_into_the_plan_and_defaults_next_to_the_manifest(tmp_path, capsys, monkeypatch):
+    from app.cli import main
+
+    # a copy of the sample manifest (its data where it is), so the default plan.json lands in tmp_path
+    doc = json.loads(SAMPLE_MANIFEST.read_text())
+    manifest = tmp_path / "data" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({**doc, "data_root": str(SAMPLE_MANIFEST.parent)}))
+    out = tmp_path / "my_plan.json"
+    argv = ["plan", "--manifest", str(manifest), "--gpu-memory", "0.03", "--base-features", "4", "--float32"]
+    assert main([*argv, "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)  # the plan, as JSON on stdout
+    written = json.loads(out.read_text())
+    assert written["batch_size"] == 2 and written["features"][0] == 4
+    net = written["plan"]["network"]
+    assert net["amp"] is False  # --float32
+    assert net["budget_gib"] == 0.03 and net["estimated_gib"] <= 0.03  # --gpu-memory
+    assert printed["patch_size"] == written["patch_size"] and printed["network"]["amp"] is False
+    assert not (manifest.parent / "plan.json").exists()
+    # without --output: plan.json next to the manifest (not in the working directory)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(argv) == 0
+    beside = manifest.parent / "plan.json"
+    assert json.loads(beside.read_text()) == written
+    assert not list(cwd.iterdir())
