@@ -237,7 +237,8 @@ def infer(a) -> int:
 
 def _infer(a, src: Path) -> int:
     from app.bundle.model import load_model
-    from app.inference.pipeline import Segmenter, is_dicom_input, parse_formats, plan_nifti_jobs
+    from app.inference.jobs import is_dicom_input, parse_formats, plan_nifti_jobs
+    from app.inference.pipeline import Segmenter
     from app.runtime.preflight import check_device, check_output_dir
 
     if not src.exists():

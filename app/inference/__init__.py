@@ -1,3 +1,3 @@
 """Inference: the predictor (a bundle's network, preprocessing, inferer and postprocessing; fused fast path
-or MONAI's plain path), bounded sliding-window stitching, resampling to the source grid, the per-series
+or MONAI's plain path), bounded sliding-window stitching, resampling to the source grid, what to segment and where outputs go (jobs), the per-series
 pipeline that writes outputs and returns a typed result, and batch inference over many series."""

@@ -42,7 +42,8 @@ from typing import Any
 from app.bundle.model import run_bundle
 from app.bundle.store import find_bundle
 from app.errors import ConfigError, DicomError, InputError, SegappError
-from app.inference.pipeline import Segmenter, find_nifti_inputs, parse_formats, series_key, summary_name
+from app.inference.jobs import find_nifti_inputs, parse_formats, series_key, summary_name
+from app.inference.pipeline import Segmenter
 from app.io.atomic import atomic_write_text
 from app.io.dicom_scan import scan_files
 from app.runtime.preflight import check_device, check_output_dir

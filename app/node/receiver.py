@@ -24,7 +24,7 @@ from typing import Any
 
 import pydicom
 
-from app.inference.pipeline import series_key
+from app.inference.jobs import series_key
 from app.node.queue import JobQueue
 
 log = logging.getLogger(__name__)

@@ -153,7 +153,7 @@ def check_infer_outcome(segmenter, case: Case, folder) -> str:
     import json
 
     from app.errors import SegappError
-    from app.inference.pipeline import plan_nifti_jobs
+    from app.inference.jobs import plan_nifti_jobs
 
     src = write_case(folder / f"in{case.suffix}", case)
     out = folder / "out"

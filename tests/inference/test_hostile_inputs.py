@@ -22,7 +22,7 @@ from runs import tiny_run
 from sandbox import error_lines
 
 from app.cli import main
-from app.inference.pipeline import output_keys
+from app.inference.jobs import output_keys
 
 OUTPUT_SUFFIXES = ("_seg.nii.gz", "_seg.dcm", "_rtstruct.dcm", "_overlay.png")
 

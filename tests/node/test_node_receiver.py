@@ -18,7 +18,7 @@ from orthanc_server import free_port
 from pynetdicom import AE
 
 from app.errors import ConfigError
-from app.inference.pipeline import series_key
+from app.inference.jobs import series_key
 from app.io.pacs import send
 from app.node.config import load_config
 from app.node.queue import JobQueue

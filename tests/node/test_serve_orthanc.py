@@ -18,7 +18,7 @@ from node_process import NodeProcess, pid_alive, threshold_checkpoint, write_nod
 from orthanc_rest import call, derived_by_study, put_modality, store_all, upload
 from orthanc_server import free_port, orthanc  # noqa: F401  (session fixture)
 
-from app.inference.pipeline import series_key
+from app.inference.jobs import series_key
 
 N_STUDIES = 20
 ORIENTATIONS = ("sagittal", "oblique", "axial", "coronal")

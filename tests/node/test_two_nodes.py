@@ -10,7 +10,7 @@ from node_process import NodeProcess, threshold_checkpoint, write_node_config
 from orthanc_rest import derived_by_study, put_modality, store_all, upload
 from orthanc_server import free_port, orthanc  # noqa: F401  (session fixture)
 
-from app.inference.pipeline import series_key
+from app.inference.jobs import series_key
 
 
 @pytest.mark.slow

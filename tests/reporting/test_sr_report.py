@@ -18,7 +18,7 @@ from orthanc_server import orthanc  # noqa: F401  (session fixture)
 
 from app.cli import main
 from app.errors import ConfigError, DicomError
-from app.inference.pipeline import parse_formats
+from app.inference.jobs import parse_formats
 from app.io.dicom_series import read_series
 from app.io.dicom_sr import read_volume_sr, write_volume_sr
 from app.io.seg_write import write_seg
