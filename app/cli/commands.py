@@ -100,22 +100,7 @@ def train(a) -> int:
         raise ConfigError(f"expected a fold number or 'all', got {a.fold!r}", "--fold")
     if a.nproc and a.nproc > 1:
         return _launch(a)
-    res = run_train(
-        a.bundle,
-        a.manifest,
-        int(a.fold),
-        a.epochs,
-        a.device,
-        a.out,
-        a.resume,
-        a.tracking_uri,
-        a.seed,
-        extra_configs=a.config or (),
-        overrides=_overrides(a),
-        trust=a.trust_bundle,
-        tracking_fallback=a.tracking_fallback,
-        plan=a.plan,
-    )
+    res = run_train(a.bundle, a.manifest, int(a.fold), **_training_options(a))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         final = res.get("final") or res.get("last") or {}
         dice = {k: v for k, v in final.items() if "dice" in k}
@@ -134,6 +119,23 @@ def train(a) -> int:
     return 0
 
 
+def _training_options(a) -> dict:
+    """The options one fold's training and a cross-validation share."""
+    return dict(
+        epochs=a.epochs,
+        device=a.device,
+        output_dir=a.out,
+        resume=a.resume,
+        tracking_uri=a.tracking_uri,
+        seed=a.seed,
+        extra_configs=a.config or (),
+        overrides=_overrides(a),
+        trust=a.trust_bundle,
+        tracking_fallback=a.tracking_fallback,
+        plan=a.plan,
+    )
+
+
 def _register(name: str, run: dict | None) -> None:
     from app.bundle.mlflow_source import FINAL_MODEL, redact, register_bundle_model
 
@@ -150,22 +152,7 @@ def _train_cv(a) -> int:
     """``--fold all``: every fold (``--nproc N``: N folds at a time), the CV summary and the ensemble."""
     from app.training.cv import train_cv
 
-    res = train_cv(
-        a.bundle,
-        a.manifest,
-        epochs=a.epochs,
-        device=a.device,
-        output_dir=a.out,
-        resume=a.resume,
-        tracking_uri=a.tracking_uri,
-        seed=a.seed,
-        extra_configs=a.config or (),
-        overrides=_overrides(a),
-        trust=a.trust_bundle,
-        plan=a.plan,
-        nproc=a.nproc or 1,
-        tracking_fallback=a.tracking_fallback,
-    )
+    res = train_cv(a.bundle, a.manifest, nproc=a.nproc or 1, **_training_options(a))
     s = res["summary"]
     for name in s["labels"]:
         st = s["pooled"]["dice"][name]
