@@ -235,7 +235,7 @@ def _infer(a, src: Path) -> int:
     out = check_output_dir(a.output)
     dicom = is_dicom_input(src, exclude=out)
     formats = parse_formats(a.format, dicom)
-    jobs = [] if dicom else plan_nifti_jobs(src, out, overwrite=a.overwrite)
+    jobs = [] if dicom else plan_nifti_jobs(src, out, overwrite=a.overwrite, formats=formats)
     model = load_model(
         _mlflow_bundle(a),
         a.checkpoint,
@@ -267,7 +267,7 @@ def _infer(a, src: Path) -> int:
         _print_series(res)
     else:  # each image all or nothing; the first failure stops (the finished ones keep their outputs)
         for job in jobs:
-            _print_series(segmenter.nifti(job.path, out, stem=job.key, overwrite=a.overwrite))
+            _print_series(segmenter.nifti(job.path, out, stem=job.key, overwrite=a.overwrite, formats=formats))
     return 0
 
 

@@ -36,12 +36,14 @@ def run_demo(out: str = "segapp_demo", epochs: int | None = None, device: str = 
     print("[3/4] segmenting a NIfTI image (output on its own grid)", flush=True)
     first_case = json.loads(Path(manifest).read_text())["cases"][0]["image"]
     # the demo owns its folder: a second demo replaces the first one's outputs
-    nifti = segmenter.nifti(SAMPLE_DATA_DIR / "hippocampus" / first_case, out_dir / "infer_nifti", overwrite=True)
-    print("[4/4] segmenting the sample MR DICOM series -> NIfTI, DICOM SEG, RTSTRUCT", flush=True)
+    nifti = segmenter.nifti(
+        SAMPLE_DATA_DIR / "hippocampus" / first_case, out_dir / "infer_nifti", overwrite=True, formats=("overlay",)
+    )
+    print("[4/4] segmenting the sample MR DICOM series -> NIfTI, DICOM SEG, RTSTRUCT, PNG overlay", flush=True)
     dicom = segmenter.dicom(
         SAMPLE_DATA_DIR / "mr_dicom_series",
         out_dir / "infer_dicom",
-        formats=("nifti", "seg", "rtstruct"),
+        formats=("nifti", "seg", "rtstruct", "overlay"),
         overwrite=True,
     )
     print()

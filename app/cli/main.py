@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--format",
         default=None,
-        help="comma list of nifti,seg,rtstruct and the reports stats (statistics.json + CSV row), sr (DICOM SR "
-        "of the SEG's volumes) (DICOM input; default nifti,seg)",
+        help="comma list of nifti,seg,rtstruct, the reports stats (statistics.json + CSV row) and sr (DICOM SR "
+        "of the SEG's volumes) (DICOM input only; default nifti,seg), and overlay (a PNG quick look)",
     )
     i.add_argument(
         "--series-uid", help="DICOM series (or stack key: UID#volN, UID#echoE) when the folder holds several"
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--output", required=True, help="output folder: one subfolder per series, results.csv/json")
     ib.add_argument("--nproc", type=int, default=1, help="worker processes (one model each; GPUs round robin)")
     ib.add_argument(
-        "--format", default=None, help="comma list of nifti,seg,rtstruct for DICOM series (default nifti,seg)"
+        "--format", default=None, help="as segapp infer's (default nifti,seg; NIfTI inputs: nifti, overlay)"
     )
     ib.add_argument("--send", action="append", help="dicomweb://HOST:PORT/PATH or dimse://AET@HOST:PORT (repeatable)")
     ib.add_argument("--allow-generated-uids", action="store_true")

@@ -231,7 +231,8 @@ def _process(item: WorkItem, fp: str) -> dict:
                 scan=scan_files(item.files, root=item.input) if item.series and item.files else None,
             )
         else:
-            res = segmenter.nifti(item.input, out, overwrite=True)
+            nifti_formats = [f for f in spec["formats"] if f in ("nifti", "overlay")]  # the DICOM ones do not apply
+            res = segmenter.nifti(item.input, out, overwrite=True, formats=nifti_formats)
         paths = [*res.outputs.values(), str(out / summary_name(res.key))]
         row["outputs"] = sorted(os.path.relpath(p, spec["output"]) for p in paths)
     except Exception as exc:  # a series we could not foresee must not stop the batch
@@ -334,7 +335,7 @@ def infer_batch(
         nproc: worker processes (each loads the model once; on GPUs one GPU per worker, round robin).
         checkpoint: weights (default: the bundle's ``models/model.pt``).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (``cuda:N`` pins every worker to that GPU).
-        formats: comma list of ``nifti,seg,rtstruct`` for DICOM inputs (NIfTI inputs give NIfTI).
+        formats: comma list of ``nifti,seg,rtstruct,stats,sr,overlay`` (NIfTI inputs give NIfTI and the overlay).
         send_to: PACS destinations for the DICOM outputs (see ``app.io.pacs.send``).
         retry_failed: run again items that failed last time on the same input.
         run: a segapp training-run folder (its configs and weights), see ``app.bundle.model``.

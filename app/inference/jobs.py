@@ -25,22 +25,22 @@ from app.runtime.preflight import check_free_space, estimate_output_bytes
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("nifti", "seg", "rtstruct", "stats", "sr")
+FORMATS = ("nifti", "seg", "rtstruct", "stats", "sr", "overlay")
 DICOM_OUTPUTS = ("seg", "rtstruct", "sr")  # what --send sends
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def parse_formats(text: str | None, dicom: bool) -> list[str]:
-    """``--format``: a comma list of nifti, seg, rtstruct and the reports stats (``<key>_statistics.json``
-    and a row of ``statistics.csv``) and sr (a DICOM SR of the SEG's volumes); default nifti,seg for
-    DICOM, nifti for NIfTI."""
+    """``--format``: a comma list of nifti, seg, rtstruct, the reports stats (``<key>_statistics.json``
+    and a row of ``statistics.csv``) and sr (a DICOM SR of the SEG's volumes), and overlay (a PNG quick
+    look, only on request: it costs time on every series); default nifti,seg for DICOM, nifti for NIfTI."""
     if not text:
         return ["nifti", "seg"] if dicom else ["nifti"]
     formats = [f.strip().lower() for f in text.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ConfigError(f"unknown output format(s) {bad}; choose from {', '.join(FORMATS)}", "--format")
-    if not dicom and set(formats) - {"nifti"}:
+    if not dicom and set(formats) - {"nifti", "overlay"}:
         raise ConfigError("SEG, RTSTRUCT, stats and SR need a DICOM series as input", "--format")
     if "sr" in formats and "seg" not in formats:
         raise ConfigError("the SR references the SEG's segments: add seg (--format seg,sr)", "--format")
@@ -144,13 +144,15 @@ def dicom_output_names(key: str, formats: Sequence[str]) -> dict[str, str]:
         "rtstruct": f"{key}_rtstruct.dcm",
         "stats": f"{key}_statistics.json",
         "sr": f"{key}_sr.dcm",
+        "overlay": f"{key}_overlay.png",
     }
-    return {**{k: v for k, v in names.items() if k in formats}, "overlay": f"{key}_overlay.png"}
+    return {k: v for k, v in names.items() if k in formats}
 
 
-def nifti_output_names(key: str) -> dict[str, str]:
-    """``{kind: file name}`` of a NIfTI image's outputs."""
-    return {"nifti": f"{key}_seg.nii.gz", "overlay": f"{key}_overlay.png"}
+def nifti_output_names(key: str, formats: Sequence[str] = ("nifti",)) -> dict[str, str]:
+    """``{kind: file name}`` of a NIfTI image's outputs (the label map, and the PNG overlay on request)."""
+    names = {"nifti": f"{key}_seg.nii.gz", "overlay": f"{key}_overlay.png"}
+    return {k: v for k, v in names.items() if k == "nifti" or k in formats}
 
 
 def summary_name(key: str) -> str:
@@ -179,7 +181,9 @@ class NiftiJob:
     info: NiftiInfo | None = None
 
 
-def plan_nifti_jobs(source: str | Path, output: str | Path, overwrite: bool = False) -> list[NiftiJob]:
+def plan_nifti_jobs(
+    source: str | Path, output: str | Path, overwrite: bool = False, formats: Sequence[str] = ("nifti",)
+) -> list[NiftiJob]:
     """Every NIfTI input under ``source`` with a unique output stem, checked before any work: headers
     (``check_nifti_input``), existing outputs (without ``overwrite``) and the disk space they need.
 
@@ -194,7 +198,7 @@ def plan_nifti_jobs(source: str | Path, output: str | Path, overwrite: bool = Fa
     keys = output_keys(files, src if src.is_dir() else src.parent)
     jobs = [NiftiJob(f, keys[f]) for f in files]
     for job in jobs:
-        refuse_existing(out, nifti_output_names(job.key).values(), overwrite)
+        refuse_existing(out, nifti_output_names(job.key, formats).values(), overwrite)
     need = 0
     for job in jobs:
         job.info = check_nifti_input(job.path)

@@ -260,16 +260,25 @@ class Segmenter:
                 with outs.writing("sr", names["sr"]) as p:
                     write_volume_report(volume, stats, outs.staged("seg"), algorithm, p)
             times["reports_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        with outs.writing("overlay", names["overlay"]) as p:
-            save_overlay_png(volume.array, pred.labels, p, affine_lps=volume.affine_lps, segments=self.model.segments)
-        times["overlay_s"] = time.perf_counter() - t
+        if "overlay" in names:
+            t = time.perf_counter()
+            with outs.writing("overlay", names["overlay"]) as p:
+                save_overlay_png(
+                    volume.array, pred.labels, p, affine_lps=volume.affine_lps, segments=self.model.segments
+                )
+            times["overlay_s"] = time.perf_counter() - t
 
     # -- one NIfTI image -------------------------------------------------------------------------------
     def nifti(
-        self, path: str | Path, output_dir: str | Path, stem: str | None = None, overwrite: bool = False
+        self,
+        path: str | Path,
+        output_dir: str | Path,
+        stem: str | None = None,
+        overwrite: bool = False,
+        formats: Sequence[str] = ("nifti",),
     ) -> SeriesResult:
-        """Segment one NIfTI image: ``<stem>_seg.nii.gz`` on its grid, a PNG overlay, ``<stem>_summary.json``.
+        """Segment one NIfTI image: ``<stem>_seg.nii.gz`` on its grid, ``<stem>_summary.json``, and with
+        ``overlay`` in ``formats`` a PNG overlay.
 
         ``stem`` may hold subfolders (see :func:`output_keys`); default: the file name without suffix.
 
@@ -283,7 +292,7 @@ class Segmenter:
         path = Path(path)
         out = Path(output_dir)
         key = stem or safe_part(nifti_stem(path))
-        names = nifti_output_names(key)
+        names = nifti_output_names(key, formats)
         refuse_existing(out, names.values(), overwrite)
         result = SeriesResult(key, "nifti", path.name, [], [])
 
@@ -295,14 +304,15 @@ class Segmenter:
             t = time.perf_counter()
             with outs.writing("nifti", names["nifti"]) as p:
                 save_labels_nifti(pred.labels, pred.affine_ras, p)
-            with outs.writing("overlay", names["overlay"]) as p:
-                save_overlay_png(
-                    image[0].numpy(),
-                    pred.labels,
-                    p,
-                    affine_lps=LPS_TO_RAS @ pred.affine_ras,
-                    segments=self.model.segments,
-                )
+            if "overlay" in names:
+                with outs.writing("overlay", names["overlay"]) as p:
+                    save_overlay_png(
+                        image[0].numpy(),
+                        pred.labels,
+                        p,
+                        affine_lps=LPS_TO_RAS @ pred.affine_ras,
+                        segments=self.model.segments,
+                    )
             times["write_s"] = time.perf_counter() - t
             return pred
 

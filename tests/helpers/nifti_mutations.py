@@ -175,5 +175,5 @@ def check_infer_outcome(segmenter, case: Case, folder) -> str:
     assert math.prod(ref.shape[3:]) == 1 and seg.shape == ref.shape[:3], (seg.shape, ref.shape)
     scale = max(1.0, float(np.abs(ref.affine).max()))
     np.testing.assert_allclose(seg.affine, ref.affine, rtol=0, atol=1e-5 * scale)
-    assert sorted(res.outputs) == ["nifti", "overlay"]
+    assert sorted(res.outputs) == ["nifti"]
     return "ok"

@@ -58,7 +58,7 @@ def test_same_file_name_in_two_subfolders_gives_two_outputs(tmp_path, run, capsy
     a = _write(src / "a" / "case.nii.gz")
     flipped = nib.Nifti1Image(np.asarray(base_image().dataobj)[::-1].copy(), base_image().affine)
     b = _write(src / "b" / "case.nii.gz", img=flipped)
-    assert _infer(run, src, out) == 0
+    assert _infer(run, src, out, "--format", "nifti,overlay") == 0
     assert _outputs(out) == ["a/case_overlay.png", "a/case_seg.nii.gz", "b/case_overlay.png", "b/case_seg.nii.gz"]
     for inp, key in ((a, "a/case"), (b, "b/case")):
         seg, ref = nib.load(out / f"{key}_seg.nii.gz"), nib.load(inp)
@@ -97,7 +97,7 @@ def test_second_infer_into_the_same_folder_refuses_without_overwrite(tmp_path, r
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert _infer(run, src, out, "--overwrite") == 0
     assert (out / "case_seg.nii.gz").stat().st_mtime_ns != before[out / "case_seg.nii.gz"]
-    assert _outputs(out) == ["case_overlay.png", "case_seg.nii.gz"]
+    assert _outputs(out) == ["case_seg.nii.gz"]  # the PNG overlay only on request
 
 
 def test_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, run):
@@ -106,14 +106,14 @@ def test_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path, ru
     out = src / "results"
     assert _infer(run, src, out) == 0
     assert _infer(run, src, out, "--overwrite") == 0  # the first run's case_seg.nii.gz is not an input now
-    assert _outputs(out) == ["case_overlay.png", "case_seg.nii.gz"]
+    assert _outputs(out) == ["case_seg.nii.gz"]
 
 
 def test_output_folder_that_is_the_input_folder(tmp_path, run):
     src = _write(tmp_path / "in" / "case.nii.gz").parent
     assert _infer(run, src, src) == 0
     assert _infer(run, src, src, "--overwrite") == 0  # case_seg.nii.gz beside it is an output, not an input
-    assert _outputs(src) == ["case_overlay.png", "case_seg.nii.gz"]
+    assert _outputs(src) == ["case_seg.nii.gz"]
 
 
 def test_dicom_series_second_run_refuses_without_overwrite(tmp_path, run, capsys):

@@ -78,7 +78,8 @@ def test_sr_needs_the_seg(tmp_path):
     vol = read_series(tmp_path / "ct")
     with pytest.raises(ConfigError, match="seg"):
         parse_formats("nifti,sr", dicom=True)
-    for derived in ("seg", "rtstruct", "stats", "sr"):  # a NIfTI input gets NIfTI only
+    assert parse_formats("nifti,overlay", dicom=False) == ["nifti", "overlay"]
+    for derived in ("seg", "rtstruct", "stats", "sr"):  # a NIfTI input gets NIfTI (and the overlay) only
         with pytest.raises(ConfigError, match="need a DICOM series as input"):
             parse_formats(f"nifti,{derived}", dicom=False)
     assert parse_formats(None, dicom=False) == ["nifti"] and parse_formats(None, dicom=True) == ["nifti", "seg"]

@@ -119,7 +119,7 @@ def test_failed_send_keeps_the_outputs_and_records_it(tmp_path, run, capsys):
     seg = out / summary.name.replace("_summary.json", "_seg.dcm")
     assert line.startswith(f"segapp: error: could not send 1 of 1 file(s) to {dest} after 4 attempt(s) (")
     assert line.endswith(f"the files are kept on disk at: {seg}")
-    assert seg.is_file() and (out / summary.name.replace("_summary.json", "_overlay.png")).is_file()
+    assert seg.is_file() and not (out / summary.name.replace("_summary.json", "_overlay.png")).exists()  # not asked
     record = json.loads(summary.read_text())
     assert record["status"] == "send_failed" and record["outputs"]["seg"] == str(seg)
     assert record["sent"] == [{"destination": dest, "files": 1, "error": line.removeprefix("segapp: error: ")}]

@@ -223,6 +223,8 @@ def test_infer_nifti_lps_keeps_input_grid_and_voxels(tmp_path):
                 str(lps.parent),
                 "--output",
                 str(tmp_path / "out"),
+                "--format",
+                "nifti,overlay",
                 *_threshold_bundle_args(tmp_path),
             ]
         )
