@@ -15,8 +15,10 @@ weights and window settings (``--roi``, overlap 0.5, Gaussian blending, 4 window
 network is the bundle's UNet3D (``--features``) plus an intensity-band head, so the labels are CT
 structures, not noise; it is written into the bundle config by ``--override`` (with the series rule
 ``modality: CT``, since the hippocampus bundle accepts MR only, and one SEG segment per class).
-It prints the per-stage breakdown of each path, their totals and ratio, the per-label Dice between
-the two label maps (on the source grid) and the device.
+Each path runs in a Python process of its own (warm-up on a tiny series first), so the peak resident
+set size printed for each is that path's (above the RSS of the imported libraries, the same for
+both). It prints the per-stage breakdown of each path, their totals and ratio, their peak RSS, the
+per-label Dice between the two label maps (on the source grid) and the device.
 
     python bench/infer_speed.py                                   # 256x256x120, about a minute on 2 CPU cores
     python bench/infer_speed.py --shape 512 512 300 --device auto # the full-size series
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -349,6 +352,47 @@ def _write_json(path: Path | None, figures: dict) -> None:
         path.write_text(json.dumps(figures, indent=1, default=float))
 
 
+def _child(a: argparse.Namespace, work: Path, device: torch.device) -> None:
+    """One path in this process (``--child segapp|monai``): a warm-up on a tiny series, then the timed
+    run; writes ``<path>.json`` (timings and the process' peak RSS above its RSS once the libraries
+    are imported) and ``<path>_labels.npy``."""
+    import resource
+
+    import highdicom  # noqa: F401  (both paths' libraries loaded before the baseline is read)
+    import monai.transforms  # noqa: F401
+
+    import app.cli  # noqa: F401
+
+    base_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    ckpt, bundle = work / "bench_net.pt", work / "bench_bundle"
+    overrides = bundle_overrides(a.classes, a.features, a.roi, a.spacing_net)
+    for d in (f"warm_{a.child}", f"out_{a.child}"):
+        shutil.rmtree(work / d, ignore_errors=True)
+        (work / d).mkdir(parents=True)
+    if a.child == "segapp":
+        run_segapp(bundle, work / "tiny", work / "warm_segapp", ckpt, {**overrides, "patch_size": [32, 32, 32]},
+                   str(device))  # fmt: skip
+        timings, labels = run_segapp(bundle, work / "series", work / "out_segapp", ckpt, overrides, str(device))
+    else:
+        run_monai(work / "tiny", work / "warm_monai", ckpt, a.classes, a.features, [32, 32, 32], a.spacing_net, device)
+        timings, labels, _ = run_monai(
+            work / "series", work / "out_monai", ckpt, a.classes, a.features, a.roi, a.spacing_net, device
+        )
+    np.save(work / f"{a.child}_labels.npy", labels)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (work / f"{a.child}.json").write_text(json.dumps({"timings": timings, "peak_rss_mib": peak_mib - base_mib}))
+
+
+def _run_child(path: str, work: Path) -> tuple[dict, np.ndarray, float]:
+    """``path`` in a fresh Python process (so that its peak RSS is its own); its timings, labels, peak RSS."""
+    cmd = [sys.executable, __file__, "--child", path, "--workdir", str(work), *sys.argv[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {path} path failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    doc = json.loads((work / f"{path}.json").read_text())
+    return doc["timings"], np.load(work / f"{path}_labels.npy"), float(doc["peak_rss_mib"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[256, 256, 120], help="columns rows slices")
@@ -361,37 +405,28 @@ def main() -> None:
     ap.add_argument("--workdir", help="keep the series and outputs here (default: a temporary folder)")
     ap.add_argument("--skip-monai", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures here")
-    a = ap.parse_args()
+    ap.add_argument("--child", choices=("segapp", "monai"), help=argparse.SUPPRESS)
+    a, _ = ap.parse_known_args()  # a child gets the parent's argv again after its own --workdir
 
     from app.runtime.device import resolve_device
 
     device = resolve_device(a.device)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="infer_speed_"))
+    if a.child:
+        _child(a, work, device)
+        return
     series = work / "series"
     t0 = time.perf_counter()
     if not series.is_dir():
         write_ct_series(series, tuple(a.shape), tuple(a.spacing))
     print(f"series {a.shape[0]}x{a.shape[1]}x{a.shape[2]} at {a.spacing} mm ready in {time.perf_counter() - t0:.1f} s")
-    ckpt = work / "bench_net.pt"
-    torch.save(CTBenchNet(1, a.classes, a.features).state_dict(), ckpt)
-    overrides = bundle_overrides(a.classes, a.features, a.roi, a.spacing_net)
-    bundle = bench_bundle(work, a.classes)
-
-    # warm-up on a tiny series so imports and one-time initialisation are not timed
-    tiny = work / "tiny"
+    torch.save(CTBenchNet(1, a.classes, a.features).state_dict(), work / "bench_net.pt")
+    bench_bundle(work, a.classes)
+    tiny = work / "tiny"  # the warm-up series: imports and one-time initialisation are not timed
     if not tiny.is_dir():
         write_ct_series(tiny, (48, 48, 24), tuple(a.spacing))
-    for d in ("warm_segapp", "warm_monai"):
-        shutil.rmtree(work / d, ignore_errors=True)
-        (work / d).mkdir(parents=True)
-    run_segapp(bundle, tiny, work / "warm_segapp", ckpt, {**overrides, "patch_size": [32, 32, 32]}, str(device))
-    if not a.skip_monai:
-        run_monai(tiny, work / "warm_monai", ckpt, a.classes, a.features, [32, 32, 32], a.spacing_net, device)
 
-    for d in ("out_segapp", "out_monai"):
-        shutil.rmtree(work / d, ignore_errors=True)
-        (work / d).mkdir(parents=True)
-    seg_t, seg_labels = run_segapp(bundle, series, work / "out_segapp", ckpt, overrides, str(device))
+    seg_t, seg_labels, seg_rss = _run_child("segapp", work)
     cpu = (
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
@@ -407,19 +442,17 @@ def main() -> None:
         ("stitching", seg_t["stitch_s"]),
         ("postprocess + inverse resampling", seg_t["postprocess_s"]),
         ("SEG write", seg_t["seg_write_s"]),
-        ("overlay PNG", seg_t.get("overlay_s", 0.0)),
     ]
     print(f"{'segapp infer':<36}{'s':>8}")
     for k, v in rows:
         print(f"  {k:<34}{v:8.2f}")
     print(f"  {'total (CLI, incl. config + model)':<34}{seg_t['wall_s']:8.2f}")
-    figures: dict = {"device": name, "shape": a.shape, "classes": a.classes, "segapp": seg_t}
+    print(f"  {'peak RSS above imports (MiB)':<34}{seg_rss:8.0f}")
+    figures: dict = {"device": name, "shape": a.shape, "classes": a.classes, "segapp": seg_t, "segapp_rss_mib": seg_rss}
     if a.skip_monai:
         _write_json(a.json, figures)
         return
-    mon_t, mon_labels, mon_affine_lps = run_monai(
-        series, work / "out_monai", ckpt, a.classes, a.features, a.roi, a.spacing_net, device
-    )
+    mon_t, mon_labels, mon_rss = _run_child("monai", work)
     mon_total = sum(mon_t.values())
     print(f"\n{'MONAI default':<36}{'s':>8}")
     for k, v in [
@@ -430,15 +463,22 @@ def main() -> None:
     ]:
         print(f"  {k:<34}{v:8.2f}")
     print(f"  {'total':<34}{mon_total:8.2f}")
+    print(f"  {'peak RSS above imports (MiB)':<34}{mon_rss:8.0f}")
     dice = dice_per_label(seg_labels, mon_labels, a.classes)
     print(
         f"\nspeed-up (MONAI total / segapp total): {mon_total / seg_t['wall_s']:.2f}x; without the network: "
         f"{mon_total - mon_t['network_s']:.2f} s / {seg_t['wall_s'] - seg_t['network_s']:.2f} s = "
         f"{(mon_total - mon_t['network_s']) / (seg_t['wall_s'] - seg_t['network_s']):.2f}x"
     )
+    print(f"peak RSS segapp / MONAI: {seg_rss:.0f} / {mon_rss:.0f} MiB = {seg_rss / mon_rss:.2f}")
     print("Dice segapp vs MONAI per label: " + ", ".join(f"{c}: {d:.4f}" for c, d in dice.items()))
     print(f"labels equal on {100.0 * float((seg_labels == mon_labels).mean()):.3f} % of voxels")
-    figures.update(monai=mon_t, speedup=mon_total / seg_t["wall_s"], dice={str(c): d for c, d in dice.items()})
+    figures.update(
+        monai=mon_t,
+        monai_rss_mib=mon_rss,
+        speedup=mon_total / seg_t["wall_s"],
+        dice={str(c): d for c, d in dice.items()},
+    )
     _write_json(a.json, figures)
     print(f"work folder: {work}")
     if not a.workdir:
