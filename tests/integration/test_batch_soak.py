@@ -147,7 +147,7 @@ def test_two_workers_one_killed_then_rerun_does_every_series_exactly_once(tmp_pa
         folder = out / row["key"]
         names = sorted(p.name for p in folder.iterdir())
         kind = "dicom" if "dicom" in row["input"] else "nifti"
-        assert len(names) == (5 if kind == "dicom" else 4), names  # outputs + summary + done.json, nothing else
+        assert len(names) == (4 if kind == "dicom" else 3), names  # outputs + summary + done.json, nothing else
         assert not [n for n in names if n.startswith(".")], names  # no staging folder, temp file or .started
         (seg,) = folder.glob("*_seg.nii.gz")
         assert nib.load(seg).shape == shapes[row["input"]]
