@@ -169,7 +169,7 @@ def plan_network(
     if len(median) != 3 or min(median) <= 0:
         raise ConfigError(f"median shape must be three positive sizes, got {median_shape!r}")
     if budget_bytes <= 0:
-        raise ConfigError(f"the memory budget must be positive, got {budget_bytes} bytes", "--gpu-memory")
+        raise ConfigError(f"the memory budget must be positive, got {budget_bytes / 2**30:g} GiB", "--gpu-memory")
 
     def est(patch: Sequence[int], batch: int, feats: Sequence[int]) -> int:
         return estimate_training_bytes(

@@ -149,3 +149,14 @@ def test_the_plan_cli_writes_its_options_into_the_plan_and_defaults_next_to_the_
     beside = manifest.parent / "plan.json"
     assert json.loads(beside.read_text()) == written
     assert not list(cwd.iterdir())
+
+
+def test_a_budget_that_is_not_positive_is_one_line_in_gib(tmp_path, capsys):
+    from app.cli import main
+
+    rc = main(["plan", "--manifest", str(SAMPLE_MANIFEST), "--gpu-memory", "-1", "--output", str(tmp_path / "p.json")])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "segapp: error: --gpu-memory: the memory budget must be positive, got -1 GiB"
+    )
+    assert not (tmp_path / "p.json").exists()
