@@ -38,6 +38,7 @@ from app.errors import InputError
 from app.io import dicom_bytes as db
 from app.io.dicom_source import SourceSeries
 from app.io.segments import SEG_STORAGE
+from app.io.volume import frame_stack
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ def binary_frames(
     j0, j1 = (int(rows_used[0]), int(rows_used[-1]) + 1) if len(rows_used) else (0, 0)
     step = int(planes[1] - planes[0]) if len(planes) > 1 else 1
     if len(planes) and abs(step) == 1 and np.array_equal(np.diff(planes), np.full(len(planes) - 1, step)):
-        # consecutive planes (the usual case): a slice copies runs of bytes, a fancy index gathers bytes
-        lo = int(planes.min())
-        box = np.ascontiguousarray(labels_ijk[:, j0:j1, lo : lo + len(planes)])  # [i, j - j0, k - lo]
+        lo = int(planes.min())  # consecutive planes (the usual case): a view, no gather
+        box = labels_ijk[:, j0:j1, lo : lo + len(planes)]  # [i, j - j0, k - lo]
     else:
         box, step = labels_ijk[:, j0:j1][:, :, planes], 1  # [i, j - j0, plane rank]
     cols_used = np.flatnonzero(box.max(axis=(1, 2)) > 0 if unsigned and box.size else box.any(axis=(1, 2)))
@@ -109,23 +109,29 @@ def binary_frames(
     byte_aligned = ni % 8 == 0  # then every frame row starts on a byte: pack the box's bytes only
     if byte_aligned:
         i0, i1 = i0 // 8 * 8, -(-i1 // 8) * 8
-    sub = np.ascontiguousarray(box[i0:i1].transpose(2, 1, 0))  # [plane, row j - j0, column i - i0]
+    sub = frame_stack(box[i0:i1])  # [plane, row j - j0, column i - i0]
     if step < 0:
         sub = sub[::-1]  # plane rank order (a view)
+    whole_frame = (j0, j1, i0, i1) == (0, nj, 0, ni)
     frames: list[tuple[int, int, int]] = []
     parts: list[np.ndarray] = []
     counted = 0
     for n, value in enumerate(values, start=1):
         mask = sub == value
-        rank = np.arange(len(planes)) if keep_all else np.flatnonzero(mask.any(axis=(1, 2)))
         counted += int(np.count_nonzero(mask))
+        # BINARY frames are packed (8x smaller) before the empty ones are dropped and the box is placed
+        bits = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask
+        rank = np.arange(len(planes)) if keep_all else np.flatnonzero(bits.any(axis=(1, 2)))
         frames.extend((n, int(planes[r]), int(r) + 1) for r in rank)
-        if byte_aligned:
+        kept = bits if keep_all else bits[rank]
+        if byte_aligned and whole_frame:
+            out = kept
+        elif byte_aligned:
             out = np.zeros((len(rank), nj, ni // 8), dtype=np.uint8)
-            out[:, j0:j1, i0 // 8 : i1 // 8] = np.packbits(mask[rank], axis=2, bitorder="little")
+            out[:, j0:j1, i0 // 8 : i1 // 8] = kept
         else:
             out = np.zeros((len(rank), nj, ni), dtype=bool)
-            out[:, j0:j1, i0:i1] = mask[rank]
+            out[:, j0:j1, i0:i1] = kept
         parts.append(out)
     if counted != int(np.count_nonzero(sub)):  # every labelled voxel is in the box
         unknown = np.setdiff1d(np.unique(sub), np.asarray([0, *values]))

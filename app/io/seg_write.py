@@ -25,7 +25,7 @@ from app.io.atomic import atomic_path
 from app.io.dicom_source import check_volume_matches_headers, frame_ipp_iop, prepare_source_headers, source_series
 from app.io.seg_fast import FAST_TRANSFER_SYNTAXES, build_binary_seg
 from app.io.segments import SegmentSpec, segment_descriptions, sorted_specs
-from app.io.volume import SeriesVolume
+from app.io.volume import SeriesVolume, frame_stack
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _highdicom_seg(
     lut = np.zeros(max(values) + 1, dtype=np.uint8 if len(specs) < 256 else np.uint16)
     lut[values] = np.arange(1, len(specs) + 1)
     seg_numbers = lut[labels_ijk.view(np.uint8) if labels_ijk.dtype == bool else labels_ijk]
-    pixels = np.ascontiguousarray(seg_numbers.transpose(2, 1, 0))  # [k, j, i] = (frames, rows, cols)
+    pixels = frame_stack(seg_numbers)  # [k, j, i] = (frames, rows, cols)
 
     plane_positions = None
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1:

@@ -84,6 +84,8 @@ def test_fast_engine_enhanced_multiframe_source(tmp_path):
         "bool_map",
         "gap_between_slices",
         "k_against_normal",
+        "frame_order_layout",
+        "whole_frame",
     ],
 )
 def test_fast_engine_variants_equal_highdicom(tmp_path, case):
@@ -113,6 +115,11 @@ def test_fast_engine_variants_equal_highdicom(tmp_path, case):
         affine[:3, 2] *= -1
         vol = SeriesVolume(vol.array[:, :, ::-1], affine, vol.datasets[::-1], vol.frame_numbers[::-1])
         labels = info.mask_ijk[:, :, ::-1]
+    elif case == "frame_order_layout":  # [i, j, k] as a view of a [k, j, i] array, as read_series returns
+        labels = np.ascontiguousarray(info.mask_ijk.transpose(2, 1, 0)).transpose(2, 1, 0)
+    elif case == "whole_frame":  # labels in the first and last rows and columns: the box is the whole frame
+        labels = info.mask_ijk.copy()
+        labels[0, 0, 3], labels[-1, -1, 3] = 1, 3
     fast_path, ref_path = _write_both(tmp_path, vol, labels, specs, **kwargs)
     fast, ref = assert_same_seg(fast_path, ref_path)
     assert fast.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
