@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def run_segapp(
         ]
     )
     wall = time.perf_counter() - t0
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # before the check below reads the SEG back
     if rc != 0:
         raise SystemExit(f"segapp infer failed with exit code {rc}")
     (summary,) = list(out.glob("*_summary.json"))
@@ -205,7 +207,7 @@ def run_segapp(
     from app.io.seg_read import read_seg
 
     labels, _ = read_seg(json.loads(summary.read_text())["outputs"]["seg"], read_series(series))
-    return {**timings, "wall_s": wall}, labels
+    return {**timings, "wall_s": wall, "peak_kib": peak_kib}, labels
 
 
 def run_monai(
@@ -355,9 +357,8 @@ def _write_json(path: Path | None, figures: dict) -> None:
 def _child(a: argparse.Namespace, work: Path, device: torch.device) -> None:
     """One path in this process (``--child segapp|monai``): a warm-up on a tiny series, then the timed
     run; writes ``<path>.json`` (timings and the process' peak RSS above its RSS once the libraries
-    are imported) and ``<path>_labels.npy``."""
-    import resource
-
+    are imported; segapp's taken when ``segapp infer`` returns, before the bench reads its SEG back)
+    and ``<path>_labels.npy``."""
     import highdicom  # noqa: F401  (both paths' libraries loaded before the baseline is read)
     import monai.transforms  # noqa: F401
 
@@ -379,7 +380,7 @@ def _child(a: argparse.Namespace, work: Path, device: torch.device) -> None:
             work / "series", work / "out_monai", ckpt, a.classes, a.features, a.roi, a.spacing_net, device
         )
     np.save(work / f"{a.child}_labels.npy", labels)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mib = timings.pop("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
     (work / f"{a.child}.json").write_text(json.dumps({"timings": timings, "peak_rss_mib": peak_mib - base_mib}))
 
 

@@ -82,6 +82,19 @@ def test_check_finite_names_the_file(bad):
     assert ("1 NaN" if np.isnan(bad) else "1 infinite") in str(info.value)
 
 
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_check_finite_passes_finite_values_whose_sum_overflows(as_tensor):
+    """The one-sum check: a sum that overflows sends the check voxel by voxel, which passes."""
+    big = np.full((1, 3, 2, 4), 3e38, dtype=np.float32)  # sum = inf, every voxel finite
+    half = np.full((1, 300, 2), 60000.0, dtype=np.float16)  # float16: overflows at 65504
+    for arr in (big, half, np.float32(2.0)):
+        img = _mt(arr) if as_tensor and arr.ndim else torch.as_tensor(arr) if as_tensor else arr
+        assert CheckFinite()(img) is img
+    big[0, 2, 1, 3] = -np.inf
+    with pytest.raises(InputError, match="0 NaN and 1 infinite"):
+        CheckFinite(name="x.nii")(_mt(big) if as_tensor else big)
+
+
 def test_check_finite_numpy_with_legacy_meta_dict_and_explicit_name():
     arr = np.array([[1.0, np.nan, np.nan]])
     with pytest.raises(InputError, match="legacy.nii.gz.*2 NaN"):
