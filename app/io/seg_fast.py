@@ -42,6 +42,8 @@ from app.io.volume import frame_stack
 
 logger = logging.getLogger(__name__)
 
+_PLANES_PER_PASS = 8  # planes compared per pass: a 512 x 512 frame's mask is 256 KiB, 8 of them fit in cache
+
 # Native transfer syntaxes the fast builder writes (compressed ones go through highdicom).
 FAST_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit / Implicit VR Little Endian
 
@@ -116,11 +118,18 @@ def binary_frames(
     frames: list[tuple[int, int, int]] = []
     parts: list[np.ndarray] = []
     counted = 0
+    # one segment's mask a few planes at a time, in one reused buffer: whole-stack temporaries would
+    # each be fresh memory (page faults cost more than the comparisons in a one-shot run)
+    buf = np.empty((min(_PLANES_PER_PASS, max(1, len(sub))), *sub.shape[1:]), dtype=bool)
     for n, value in enumerate(values, start=1):
-        mask = sub == value
-        counted += int(np.count_nonzero(mask))
-        # BINARY frames are packed (8x smaller) before the empty ones are dropped and the box is placed
-        bits = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask
+        chunks = []
+        for p0 in range(0, len(sub), _PLANES_PER_PASS):
+            part = sub[p0 : p0 + _PLANES_PER_PASS]
+            mask = np.equal(part, value, out=buf[: len(part)])
+            counted += int(np.count_nonzero(mask))
+            # BINARY frames are packed (8x smaller) before the empty ones are dropped and the box is placed
+            chunks.append(np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask.copy())
+        bits = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else buf[:0]
         rank = np.arange(len(planes)) if keep_all else np.flatnonzero(bits.any(axis=(1, 2)))
         frames.extend((n, int(planes[r]), int(r) + 1) for r in rank)
         kept = bits if keep_all else bits[rank]
@@ -132,12 +141,12 @@ def binary_frames(
         else:
             out = np.zeros((len(rank), nj, ni), dtype=bool)
             out[:, j0:j1, i0:i1] = kept
-        parts.append(out)
+        parts.append(np.ascontiguousarray(out))
     if counted != int(np.count_nonzero(sub)):  # every labelled voxel is in the box
         unknown = np.setdiff1d(np.unique(sub), np.asarray([0, *values]))
         raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
     if byte_aligned:
-        pixel_data = b"".join(p.tobytes() for p in parts)
+        pixel_data = b"".join(memoryview(p) for p in parts)  # the arrays' buffers: one copy
     else:  # frames share bytes when rows x columns is not a multiple of 8: pack the whole stack at once
         pixel_data = np.packbits(np.concatenate([p.reshape(-1) for p in parts]), bitorder="little").tobytes()
     return frames, planes, pixel_data
