@@ -146,7 +146,7 @@ def binary_frames(
         unknown = np.setdiff1d(np.unique(sub), np.asarray([0, *values]))
         raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
     if byte_aligned:
-        pixel_data = b"".join(memoryview(p) for p in parts)  # the arrays' buffers: one copy
+        pixel_data = b"".join(p.data for p in parts)  # the arrays' buffers: one copy
     else:  # frames share bytes when rows x columns is not a multiple of 8: pack the whole stack at once
         pixel_data = np.packbits(np.concatenate([p.reshape(-1) for p in parts]), bitorder="little").tobytes()
     return frames, planes, pixel_data
