@@ -32,7 +32,7 @@ if [ "$device" = cuda ]; then
   train_args=()
   hippo_args=(--budget-min 3)
 else
-  infer_args=(--shape 64 64 24 --roi 32 32 32 --features 4 8)
+  infer_args=(--shape 64 64 24 --features 4 8)
   train_args=(--quick --steps 2 --warmup 1 --setups hippo --pipelines c,d --workers 0)
   hippo_args=(--budget-min 0.05 --folds 0 --manifest sample_data/hippocampus/manifest.json)
 fi

@@ -23,10 +23,14 @@ per-label Dice between the two label maps (on the source grid) and the device.
     python bench/infer_speed.py                                   # 256x256x120, about a minute on 2 CPU cores
     python bench/infer_speed.py --shape 512 512 300 --device auto # the full-size series
 
-Defaults (3 mm network grid as TotalSegmentator's ``--fast``, a 4-8-16 U-Net, 128^3 windows as nnU-Net CT models) keep
-the network near the share it has on an H100 (0.4-0.8 s of MONAI's 5.5 s): the network is the same
-in both paths, what differs is everything around it. On CPUs a bigger network only adds the same
-seconds to both totals, so the table also prints the totals without the network.
+Defaults: a 3 mm network grid (TotalSegmentator's ``--fast``), a 4-8-16 U-Net, and a window fitted to
+the network grid (``--roi fit``: the grid rounded up to the U-Net's pooling multiple, at most 128 per
+axis, as nnU-Net CT models): a planned bundle's window is never larger than its images
+(``app.planning.planner.plan_network`` and nnU-Net cap the patch at the median image shape). The
+network is the same in both paths, what differs is everything around it; these defaults keep the
+network near the share it has on an H100 (0.4-0.8 s of MONAI's 5.5 s). A window larger than the
+grid (``--roi 128 128 128`` on the default series' 60 x 60 x 40 grid) pads it tenfold and makes the
+network most of both totals on a CPU, so the table also prints the totals without the network.
 """
 
 from __future__ import annotations
@@ -394,6 +398,32 @@ def _run_child(path: str, work: Path) -> tuple[dict, np.ndarray, float]:
     return doc["timings"], np.load(work / f"{path}_labels.npy"), float(doc["peak_rss_mib"])
 
 
+def parse_roi(
+    ap: argparse.ArgumentParser,
+    roi: list[str],
+    shape: list[int],
+    spacing: list[float],
+    spacing_net: float,
+    features: list[int],
+) -> list[int]:
+    """``--roi``: three sizes, or ``fit``: the network grid (what MONAI's ``Spacing`` gives the series,
+    read lazily, no voxel resampled) rounded up to the U-Net's pooling multiple, at most 128."""
+    if roi != ["fit"]:
+        if len(roi) != 3 or not all(r.isdigit() and int(r) > 0 for r in roi):
+            ap.error(f"--roi takes three positive sizes or 'fit', got {' '.join(roi)}")
+        return [int(r) for r in roi]
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    probe = MetaTensor(
+        torch.zeros((1, 1, 1, 1)).expand(1, *shape),
+        affine=torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64)),
+    )
+    grid = Spacing(pixdim=[spacing_net] * 3)(probe, lazy=True).peek_pending_shape()
+    step = 2 ** (len(features) - 1)
+    return [min(128, -(-int(g) // step) * step) for g in grid]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[256, 256, 120], help="columns rows slices")
@@ -401,13 +431,14 @@ def main() -> None:
     ap.add_argument("--spacing-net", type=float, default=3.0, help="the bundle's target spacing (mm)")
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--features", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--roi", type=int, nargs=3, default=[128, 128, 128])
+    ap.add_argument("--roi", nargs="+", default=["fit"], help="window size (3 voxel counts), or 'fit' (default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", help="keep the series and outputs here (default: a temporary folder)")
     ap.add_argument("--skip-monai", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--child", choices=("segapp", "monai"), help=argparse.SUPPRESS)
     a, _ = ap.parse_known_args()  # a child gets the parent's argv again after its own --workdir
+    a.roi = parse_roi(ap, a.roi, a.shape, a.spacing, a.spacing_net, a.features)
 
     from app.runtime.device import resolve_device
 
