@@ -93,6 +93,9 @@ def test_check_finite_passes_finite_values_whose_sum_overflows(as_tensor):
     big[0, 2, 1, 3] = -np.inf
     with pytest.raises(InputError, match="0 NaN and 1 infinite"):
         CheckFinite(name="x.nii")(_mt(big) if as_tensor else big)
+    if as_tensor:  # a dtype numpy does not have
+        with pytest.raises(InputError, match="1 NaN and 0 infinite"):
+            CheckFinite(name="x.nii")(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
 
 
 def test_check_finite_numpy_with_legacy_meta_dict_and_explicit_name():
