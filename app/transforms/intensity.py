@@ -78,9 +78,8 @@ def check_finite(img: NdarrayOrTensor, name: str | None = None) -> None:
         t = img.as_tensor() if isinstance(img, MetaTensor) else img
         if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
             return
-        data = (
-            t.detach().cpu().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
-        )  # numpy has no bfloat16
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32  # numpy has no bfloat16
+        data = t.detach().cpu().to(wide).numpy()
     else:
         data = np.asarray(img)
         if not np.issubdtype(data.dtype, np.floating) or np.isfinite(np.sum(data)):
