@@ -27,8 +27,9 @@ Defaults: a 3 mm network grid (TotalSegmentator's ``--fast``), a 4-8-16 U-Net, a
 the network grid (``--roi fit``: the grid rounded up to the U-Net's pooling multiple, at most 128 per
 axis, as nnU-Net CT models): a planned bundle's window is never larger than its images
 (``app.planning.planner.plan_network`` and nnU-Net cap the patch at the median image shape). The
-network is the same in both paths, what differs is everything around it; these defaults keep the
-network near the share it has on an H100 (0.4-0.8 s of MONAI's 5.5 s). A window larger than the
+network is the same in both paths, what differs is everything around it; with these defaults it is
+5-7 % of MONAI's total on the 2-core CPU machine at both sizes (on an H100: 0.4-0.8 s of MONAI's
+5.5 s, 7-15 %). A window larger than the
 grid (``--roi 128 128 128`` on the default series' 60 x 60 x 40 grid) pads it tenfold and makes the
 network most of both totals on a CPU, so the table also prints the totals without the network.
 """
