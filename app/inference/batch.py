@@ -42,7 +42,7 @@ from typing import Any
 from app.bundle.model import run_bundle
 from app.bundle.store import find_bundle
 from app.errors import ConfigError, DicomError, InputError, SegappError
-from app.inference.jobs import find_nifti_inputs, parse_formats, series_key, summary_name
+from app.inference.jobs import NIFTI_FORMATS, find_nifti_inputs, parse_formats, series_key, summary_name
 from app.inference.pipeline import Segmenter
 from app.io.atomic import atomic_write_text
 from app.io.dicom_scan import scan_files
@@ -231,7 +231,7 @@ def _process(item: WorkItem, fp: str) -> dict:
                 scan=scan_files(item.files, root=item.input) if item.series and item.files else None,
             )
         else:
-            nifti_formats = [f for f in spec["formats"] if f in ("nifti", "overlay")]  # the DICOM ones do not apply
+            nifti_formats = [f for f in spec["formats"] if f in NIFTI_FORMATS]  # the DICOM ones do not apply
             res = segmenter.nifti(item.input, out, overwrite=True, formats=nifti_formats)
         paths = [*res.outputs.values(), str(out / summary_name(res.key))]
         row["outputs"] = sorted(os.path.relpath(p, spec["output"]) for p in paths)

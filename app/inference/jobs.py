@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("nifti", "seg", "rtstruct", "stats", "sr", "overlay")
 DICOM_OUTPUTS = ("seg", "rtstruct", "sr")  # what --send sends
+NIFTI_FORMATS = ("nifti", "overlay")  # what a NIfTI input can give
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -40,7 +41,7 @@ def parse_formats(text: str | None, dicom: bool) -> list[str]:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise ConfigError(f"unknown output format(s) {bad}; choose from {', '.join(FORMATS)}", "--format")
-    if not dicom and set(formats) - {"nifti", "overlay"}:
+    if not dicom and set(formats) - set(NIFTI_FORMATS):
         raise ConfigError("SEG, RTSTRUCT, stats and SR need a DICOM series as input", "--format")
     if "sr" in formats and "seg" not in formats:
         raise ConfigError("the SR references the SEG's segments: add seg (--format seg,sr)", "--format")

@@ -42,7 +42,7 @@ from app.inference.jobs import (
 )
 from app.inference.predictor import BundlePredictor, Prediction
 from app.io.atomic import atomic_write_text
-from app.io.geometry import LPS_TO_RAS
+from app.io.geometry import ras_to_lps
 from app.io.nifti import load_nifti, save_labels_nifti
 from app.io.staging import OutputSet, refuse_existing
 from app.runtime.preflight import check_free_space, check_memory, estimate_output_bytes, memory_budget_bytes
@@ -310,7 +310,7 @@ class Segmenter:
                         image[0].numpy(),
                         pred.labels,
                         p,
-                        affine_lps=LPS_TO_RAS @ pred.affine_ras,
+                        affine_lps=ras_to_lps(pred.affine_ras),
                         segments=self.model.segments,
                     )
             times["write_s"] = time.perf_counter() - t

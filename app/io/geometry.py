@@ -17,6 +17,11 @@ def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
     return LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64)
 
 
+def ras_to_lps(affine_ras: np.ndarray) -> np.ndarray:
+    """Voxel->RAS affine to voxel->LPS affine (same voxel grid)."""
+    return LPS_TO_RAS @ np.asarray(affine_ras, dtype=np.float64)
+
+
 def voxel_spacing(affine: np.ndarray) -> np.ndarray:
     """Voxel size in mm along i, j, k (the column norms of the affine's 3x3 part)."""
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)

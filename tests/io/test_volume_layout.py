@@ -1,4 +1,5 @@
-"""``frame_stack``: an ``[i, j, k]`` array as DICOM's ``[frame, row, column]`` stack, whatever its layout."""
+"""``frame_stack``: an ``[i, j, k]`` array as DICOM's ``[frame, row, column]`` stack, whatever its
+layout; voxel->LPS and voxel->RAS affines of one grid."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def test_frame_stack_is_the_transposed_array(shape, layout):
 def test_frame_stack_of_frame_ordered_memory_is_a_view():
     kji = np.arange(4 * 3 * 2, dtype=np.uint8).reshape(4, 3, 2)
     assert np.shares_memory(frame_stack(kji.transpose(2, 1, 0)), kji)
+
+
+def test_ras_and_lps_affines_name_the_same_points():
+    """An oblique voxel->LPS affine and its RAS twin put every voxel at the same physical point, x and y
+    negated; ``ras_to_lps`` undoes ``lps_to_ras``."""
+    from app.io.geometry import lps_to_ras, ras_to_lps, voxel_to_world
+
+    affine_lps = np.array([[0.0, 0.8, 0.3, -120.0], [0.9, 0.0, 0.1, 40.0], [0.1, -0.2, 2.5, 7.5], [0, 0, 0, 1.0]])
+    ijk = np.array([[0, 0, 0], [3, 7, 2], [10, 1, 5]], dtype=float)
+    lps, ras = voxel_to_world(affine_lps, ijk), voxel_to_world(lps_to_ras(affine_lps), ijk)
+    np.testing.assert_allclose(ras, lps * [-1, -1, 1])
+    np.testing.assert_allclose(ras_to_lps(lps_to_ras(affine_lps)), affine_lps)

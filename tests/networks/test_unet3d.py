@@ -5,12 +5,11 @@ size check, the deep-supervision heads, and the small bundle's "about 0.3 M para
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn as nn
 from conftest import REPO
+from nets_for_tests import assert_scripted_copy_matches
 
 from app.bundle.config import bundle_parser
 from app.networks.unet3d import UNet3D
@@ -120,16 +119,7 @@ def test_sizes_not_divisible_by_two_to_the_pools_are_refused_with_the_size_and_t
         net(torch.randn(1, 1, 40, 52, 40))  # 52 = 4 x 13: fine for two pools, not for three
     with pytest.raises(ValueError, match=r"= 2, got \[6, 5, 4\]"):
         UNet3D(1, 3, [4, 8])(torch.randn(1, 1, 6, 5, 4))
-    scripted = torch.jit.script(net)  # the check survives TorchScript (segapp export)
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    buf.seek(0)
-    loaded = torch.jit.load(buf)
-    x = torch.randn(1, 1, 16, 8, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), net(x))
-    with pytest.raises(Exception, match="divisible"):
-        loaded(torch.randn(1, 1, 16, 8, 20))
+    assert_scripted_copy_matches(net, (1, 1, 16, 8, 24), (1, 1, 16, 8, 20))  # the check survives TorchScript
 
 
 @pytest.mark.parametrize("features, heads", [([4, 8], 0), ([4, 8, 16], 0), (SMALL, 1), ([4, 8, 16, 32, 64], 2)])

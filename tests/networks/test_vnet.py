@@ -3,12 +3,11 @@ stages, concatenated skips), shapes, TorchScript export and a training step."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn as nn
 from monai.bundle import ConfigParser
+from nets_for_tests import assert_scripted_copy_matches
 
 from app.networks.vnet import ResidualStage, VNet
 
@@ -141,16 +140,7 @@ def test_rejects_sizes_not_divisible_and_bad_arguments():
 def test_torchscript_export_matches_eager():
     torch.manual_seed(0)
     net = VNet(features=4, depth=3).eval()
-    scripted = torch.jit.script(net)
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    buf.seek(0)
-    loaded = torch.jit.load(buf)
-    x = torch.randn(1, 1, 16, 8, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), net(x))
-    with pytest.raises(Exception, match="divisible"):
-        loaded(torch.randn(1, 1, 16, 8, 12))
+    assert_scripted_copy_matches(net, (1, 1, 16, 8, 16), (1, 1, 16, 8, 12))
 
 
 def test_default_network_is_scriptable():
