@@ -28,9 +28,9 @@ the network grid (``--roi fit``: the grid rounded up to the U-Net's pooling mult
 axis, as nnU-Net CT models): a planned bundle's window is never larger than its images
 (``app.planning.planner.plan_network`` and nnU-Net cap the patch at the median image shape). The
 network is the same in both paths, what differs is everything around it; with these defaults it is
-5-7 % of MONAI's total on the 2-core CPU machine at both sizes (on an H100: 0.4-0.8 s of MONAI's
+4-6 % of MONAI's total on the 2-core CPU machine at both sizes (on an H100: 0.4-0.8 s of MONAI's
 5.5 s, 7-15 %). A window larger than the
-grid (``--roi 128 128 128`` on the default series' 60 x 60 x 40 grid) pads it tenfold and makes the
+grid (``--roi 128 128 128`` on the default series' 60 x 60 x 41 grid) pads it tenfold and makes the
 network most of both totals on a CPU, so the table also prints the totals without the network.
 """
 
