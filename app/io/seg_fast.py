@@ -36,6 +36,7 @@ from pydicom.valuerep import DS, format_number_as_ds
 
 from app.errors import InputError
 from app.io import dicom_bytes as db
+from app.io.derived_header import acquisition_equipment, sop_header
 from app.io.dicom_source import SourceSeries
 from app.io.segments import SEG_STORAGE
 from app.io.volume import frame_stack
@@ -195,38 +196,25 @@ def build_binary_seg(
     first = src.first
     nk = labels_ijk.shape[2]
 
-    # --- header: what highdicom's SOPClass and Segmentation.__init__ set, with highdicom's own helpers
-    ds = hd.SOPClass(
-        study_instance_uid=src.study_instance_uid,
+    # --- header: what highdicom's SOPClass and Segmentation.__init__ set, without its module tables
+    ds = sop_header(
+        first,
+        sop_class_uid=SEG_STORAGE,
+        sop_instance_uid=sop_instance_uid,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        sop_class_uid=SEG_STORAGE,
         instance_number=instance_number,
         modality="SEG",
-        manufacturer=manufacturer,
         transfer_syntax_uid=transfer_syntax_uid,
-        patient_id=first.PatientID,
-        patient_name=first.PatientName,
-        patient_birth_date=first.PatientBirthDate,
-        patient_sex=first.PatientSex,
-        accession_number=first.AccessionNumber,
-        study_id=first.StudyID,
-        study_date=first.StudyDate,
-        study_time=first.StudyTime,
-        referring_physician_name=first.get("ReferringPhysicianName"),
+        manufacturer=manufacturer,
         manufacturer_model_name=manufacturer_model_name,
-        device_serial_number=device_serial_number,
         software_versions=software_versions,
-        specific_character_set=first.get("SpecificCharacterSet"),
+        device_serial_number=device_serial_number,
         series_description=series_description,
     )
-    ds.copy_specimen_information(first)
-    ds.copy_patient_and_study_information(first)
-    try:
-        ds.ContributingEquipmentSequence = [hd.ContributingEquipment.for_image_acquisition(first)]
-    except (AttributeError, ValueError, TypeError, KeyError) as exc:  # as highdicom: then no item
-        logger.debug("source lists no acquisition equipment (%s)", exc)
+    equipment = acquisition_equipment(first)
+    if equipment is not None:
+        ds.ContributingEquipmentSequence = [equipment]
     ds.SegmentationType = "BINARY"
     ds.ContentLabel = content_label
     ds.ContentDescription = content_description

@@ -82,7 +82,7 @@ def write_seg(
             on blank Study/Series/FrameOfReference UIDs.
         workers: highdicom's frame-compression worker processes (only matter when compressing).
         engine: ``"fast"``: :mod:`app.io.seg_fast` (BINARY, native transfer syntaxes; the object
-            highdicom builds, 4-5x faster than highdicom alone, see ``bench/seg_write_speed.py``);
+            highdicom builds, several times faster than highdicom alone: ``bench/seg_write_speed.py``);
             ``"highdicom"``: highdicom's ``Segmentation``;
             ``"auto"`` (default): fast where it applies, highdicom otherwise (LABELMAP, compressed).
 
