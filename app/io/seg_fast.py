@@ -115,41 +115,39 @@ def binary_frames(
     sub = frame_stack(box[i0:i1])  # [plane, row j - j0, column i - i0]
     if step < 0:
         sub = sub[::-1]  # plane rank order (a view)
-    whole_frame = (j0, j1, i0, i1) == (0, nj, 0, ni)
     frames: list[tuple[int, int, int]] = []
-    parts: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
     counted = 0
-    # one segment's mask a few planes at a time, in one reused buffer: whole-stack temporaries would
-    # each be fresh memory (page faults cost more than the comparisons in a one-shot run)
+    # each segment compared a few planes at a time in one reused buffer and packed (8x smaller) before
+    # its empty frames are dropped: whole-stack masks would each be fresh memory (in a one-shot run their
+    # page faults cost more than the comparisons)
     buf = np.empty((min(_PLANES_PER_PASS, max(1, len(sub))), *sub.shape[1:]), dtype=bool)
     for n, value in enumerate(values, start=1):
-        chunks = []
+        bits = (
+            np.empty((len(sub), sub.shape[1], sub.shape[2] // 8), np.uint8)
+            if byte_aligned
+            else np.empty_like(sub, bool)
+        )
         for p0 in range(0, len(sub), _PLANES_PER_PASS):
             part = sub[p0 : p0 + _PLANES_PER_PASS]
             mask = np.equal(part, value, out=buf[: len(part)])
             counted += int(np.count_nonzero(mask))
-            # BINARY frames are packed (8x smaller) before the empty ones are dropped and the box is placed
-            chunks.append(np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask.copy())
-        bits = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else buf[:0]
+            bits[p0 : p0 + len(mask)] = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask
         rank = np.arange(len(planes)) if keep_all else np.flatnonzero(bits.any(axis=(1, 2)))
         frames.extend((n, int(planes[r]), int(r) + 1) for r in rank)
-        kept = bits if keep_all else bits[rank]
-        if byte_aligned and whole_frame:
-            out = kept
-        elif byte_aligned:
-            out = np.zeros((len(rank), nj, ni // 8), dtype=np.uint8)
-            out[:, j0:j1, i0 // 8 : i1 // 8] = kept
-        else:
-            out = np.zeros((len(rank), nj, ni), dtype=bool)
-            out[:, j0:j1, i0:i1] = kept
-        parts.append(np.ascontiguousarray(out))
+        kept.append(bits if keep_all else bits[rank])
     if counted != int(np.count_nonzero(sub)):  # every labelled voxel is in the box
         unknown = np.setdiff1d(np.unique(sub), np.asarray([0, *values]))
         raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
-    if byte_aligned:
-        pixel_data = b"".join(p.data for p in parts)  # the arrays' buffers: one copy
-    else:  # frames share bytes when rows x columns is not a multiple of 8: pack the whole stack at once
-        pixel_data = np.packbits(np.concatenate([p.reshape(-1) for p in parts]), bitorder="little").tobytes()
+    # the frames, zero outside the box, in one buffer (packed bytes, or masks where frames share bytes)
+    c0, c1 = (i0 // 8, i1 // 8) if byte_aligned else (i0, i1)
+    stack = np.zeros((len(frames), nj, ni // 8 if byte_aligned else ni), np.uint8 if byte_aligned else bool)
+    f0 = 0
+    for part in kept:
+        stack[f0 : f0 + len(part), j0:j1, c0:c1] = part
+        f0 += len(part)
+    # rows x columns not a multiple of 8: the frames follow one another bit by bit, packed as one stream
+    pixel_data = stack.tobytes() if byte_aligned else np.packbits(stack.reshape(-1), bitorder="little").tobytes()
     return frames, planes, pixel_data
 
 
