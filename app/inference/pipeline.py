@@ -45,6 +45,7 @@ from app.io.atomic import atomic_write_text
 from app.io.geometry import ras_to_lps
 from app.io.nifti import load_nifti, save_labels_nifti
 from app.io.staging import OutputSet, refuse_existing
+from app.runtime.prefetch import import_in_background
 from app.runtime.preflight import check_free_space, check_memory, estimate_output_bytes, memory_budget_bytes
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,9 @@ class Segmenter:
         def run(outs: OutputSet, times: dict[str, float]) -> Prediction:
             self._check_disk(out, volume.shape, formats)
             self.check_fits(volume.shape, volume.affine_ras, folder)
-            pred = self.predictor.predict_metatensor(volume.to_metatensor())
+            # highdicom's import (0.45 s) overlaps the network instead of delaying the SEG write
+            prefetch = (lambda: import_in_background("highdicom")) if {"seg", "sr"} & set(formats) else None
+            pred = self.predictor.predict_metatensor(volume.to_metatensor(), on_network=prefetch)
             self._write_dicom_outputs(outs, key, names, volume, pred, allow_generated_uids, times)
             return pred
 

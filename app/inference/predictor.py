@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,22 +146,25 @@ class BundlePredictor:
             return f"{type(self.inferer).__name__} is not a SlidingWindowInferer the fused path supports"
         return "" if self.post.fast else self.post.reason
 
-    def predict_metatensor(self, image: MetaTensor, fast: bool | None = None) -> Prediction:
+    def predict_metatensor(
+        self, image: MetaTensor, fast: bool | None = None, on_network: Callable[[], object] | None = None
+    ) -> Prediction:
         """Predict labels for a channel-first MetaTensor (RAS affine) on its own voxel grid.
 
-        ``fast`` overrides the predictor's setting for this call (the bundle may still need the plain path).
+        ``fast`` overrides the predictor's setting for this call (the bundle may still need the plain path);
+        ``on_network`` is called once the preprocessing is done, before the network runs.
         """
         if image.ndim != 4 or image.shape[0] != 1:
             raise ValueError(f"expected a one-channel (1, I, J, K) image, got shape {tuple(image.shape)}")
         use_fast = self.fast if fast is None else bool(fast)
         note = self.fast_path_note() if use_fast else "plain path requested"
         if not note:
-            pred = self._predict_fast(image)
+            pred = self._predict_fast(image, on_network)
             if pred.path == "fast":
                 return self._apply_label_steps(pred)
             note = pred.note  # the preprocessing did something the way back by affines cannot undo
         log.info("MONAI's plain path: %s", note)
-        pred = self._predict_reference(image)
+        pred = self._predict_reference(image, on_network)
         pred.note = note
         return pred
 
@@ -169,7 +173,7 @@ class BundlePredictor:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def _predict_fast(self, image: MetaTensor) -> Prediction:
+    def _predict_fast(self, image: MetaTensor, on_network: Callable[[], object] | None) -> Prediction:
         t0 = time.perf_counter()
         src_affine_ras = np.asarray(image.affine, dtype=np.float64)
         src_shape = tuple(int(s) for s in image.shape[1:])
@@ -186,6 +190,8 @@ class BundlePredictor:
         x = net_img.as_tensor().unsqueeze(0)
         self._sync()
         t1 = time.perf_counter()
+        if on_network is not None:
+            on_network()
         net_shape = tuple(x.shape[2:])
         identity = is_identity(net_affine_ras, src_affine_ras, net_shape, src_shape)
         cuda = self.device.type == "cuda"
@@ -297,7 +303,7 @@ class BundlePredictor:
         return pred
 
     @torch.no_grad()
-    def _predict_reference(self, image: MetaTensor) -> Prediction:
+    def _predict_reference(self, image: MetaTensor, on_network: Callable[[], object] | None = None) -> Prediction:
         t0 = time.perf_counter()
         src_affine = np.asarray(image.affine, dtype=np.float64)
         src_shape = tuple(image.shape[1:])
@@ -305,6 +311,8 @@ class BundlePredictor:
         net_img = data[self.image_key]
         x = net_img.unsqueeze(0).to(self.device)
         t1 = time.perf_counter()
+        if on_network is not None:
+            on_network()
         ctx = torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
         with ctx:
             logits = self.inferer(x, self.network)

@@ -446,3 +446,19 @@ def test_cpu_batches_take_the_next_rows_windows():
     labels = sliding_window_labels(x, counting, spec)  # default on a CPU tensor: cross_rows
     assert sizes[:-1] == [3] * (len(sizes) - 1) and sum(sizes) == 60
     torch.testing.assert_close(labels, ref)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_on_network_called_once_after_preprocessing_before_the_network(threshold_predictor, fast):
+    """The pipeline starts highdicom's import there (it then overlaps the network)."""
+    from monai.data import MetaTensor
+
+    image = MetaTensor(torch.zeros(1, 20, 18, 16), affine=torch.diag(torch.tensor([0.8, 0.9, 1.5, 1.0])))
+    forwards: list[int] = []
+    hook = threshold_predictor.network.register_forward_pre_hook(lambda *_: forwards.append(1))
+    seen: list[int] = []
+    try:
+        threshold_predictor.predict_metatensor(image, fast=fast, on_network=lambda: seen.append(len(forwards)))
+    finally:
+        hook.remove()
+    assert seen == [0] and len(forwards) > 0  # once, before the first window
