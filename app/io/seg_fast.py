@@ -4,18 +4,17 @@ map on a series' grid, built in one pass.
 Where the time goes in highdicom (per frame: numpy checks, a pydicom Dataset tree of ~12 nested
 datasets, per-frame bit packing; then pydicom encoding those trees) is replaced by:
 
-* the non-empty planes found with one reduction, gathered and transposed to frame order once,
-  one comparison per segment, and bit packing of the whole frame stack with
-  ``np.packbits(bitorder="little")`` (PS3.5 8.1.1: 1-bit pixels fill each byte from its least
-  significant bit; BINARY frames follow one another without padding, so a frame may start
-  mid-byte when rows x columns is not a multiple of 8);
+* the frames: the box that holds labels found with one reduction, transposed to frame order a few
+  planes at a time, compared per segment and bit-packed with numpy, the PixelData made frame by
+  frame as pydicom writes it (:mod:`app.io.seg_pixels`);
 * the per-frame functional groups, SourceImageSequence and ReferencedSeriesSequence encoded as
   bytes from per-slice templates (:mod:`app.io.dicom_bytes`) and added as raw elements.
 
-highdicom still builds what it is fast at: the SOP Common/patient/study/equipment header
-(``SOPClass`` + its public copy methods), the codes, segment descriptions, plane orientation and
-pixel measures; its ``highdicom.spatial`` functions give the frame order and slice spacing, so
-they are highdicom's by construction. Differences from highdicom's output (kept on purpose): the
+highdicom still builds what it is fast at: the codes, segment descriptions, contributing equipment,
+plane orientation and pixel measures; the SOP Common/patient/study header is the one its
+``SOPClass`` builds, without its module tables (:mod:`app.io.derived_header`); its
+``highdicom.spatial`` functions give the frame order and slice spacing, so they are highdicom's by
+construction. Differences from highdicom's output (kept on purpose): the
 ContributingEquipmentSequence does not list highdicom as the "software library used to create
 this instance" (it did not create it); a pixel data of odd length is padded with NUL
 (highdicom pads with the character ``"0"``); the DimensionOrganizationUID has pydicom's UID root.
@@ -24,9 +23,9 @@ this instance" (it did not create it); a pixel data of odd length is padded with
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -38,12 +37,8 @@ from app.errors import InputError
 from app.io import dicom_bytes as db
 from app.io.derived_header import acquisition_equipment, sop_header
 from app.io.dicom_source import SourceSeries
+from app.io.seg_pixels import PackedFrames, binary_frames, write_pixel_data
 from app.io.segments import SEG_STORAGE
-from app.io.volume import frame_stack
-
-logger = logging.getLogger(__name__)
-
-_PLANES_PER_PASS = 8  # planes compared per pass: a 512 x 512 frame's mask is 256 KiB, 8 of them fit in cache
 
 # Native transfer syntaxes the fast builder writes (compressed ones go through highdicom).
 FAST_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit / Implicit VR Little Endian
@@ -67,88 +62,6 @@ _T = {  # tags used in the byte templates
     "SegmentIdentification": 0x0062000A,
     "RefSegmentNumber": 0x0062000B,
 }
-
-
-def binary_frames(
-    labels_ijk: np.ndarray, values: Sequence[int], plane_order: np.ndarray, omit_empty_frames: bool
-) -> tuple[list[tuple[int, int, int]], np.ndarray, bytes]:
-    """Frames of a BINARY SEG for a label map, in highdicom's order (segment, then ``plane_order``).
-
-    Args:
-        labels_ijk: ``[i, j, k]`` label map (any integer or bool dtype).
-        values: the label value of segment ``n`` at ``values[n - 1]``.
-        plane_order: slice indices ``k`` in frame order (highdicom's sort along its slice normal).
-        omit_empty_frames: leave out frames without a voxel of their segment (as highdicom, all
-            frames are kept when the whole map is empty).
-
-    Returns:
-        ``(frames, planes, pixel_data)``: per frame ``(segment number, k, plane rank)`` (the rank,
-        1-based, is the frame's dimension index value along the planes kept); the ``k`` of the
-        planes kept, in rank order; the frames' bits packed contiguously (not yet padded to even
-        length).
-
-    Raises:
-        InputError: the map holds values other than 0 and ``values``.
-
-    Only the box of rows, columns and planes that hold labels is gathered, transposed to frame
-    order and compared (organs cover a fraction of a CT slice); the frames are zero outside it.
-    """
-    ni, nj, _ = labels_ijk.shape
-    # one pass over the map: which (row j, plane k) hold a label (max over i is cheaper than any)
-    unsigned = labels_ijk.dtype == bool or np.issubdtype(labels_ijk.dtype, np.unsignedinteger)
-    jk = np.max(labels_ijk, axis=0) > 0 if unsigned else np.any(labels_ijk, axis=0)
-    nonempty, rows_used = jk.any(axis=0), np.flatnonzero(jk.any(axis=1))
-    keep_all = not omit_empty_frames or not nonempty.any()
-    planes = np.asarray(plane_order if keep_all else [k for k in plane_order if nonempty[k]], dtype=np.intp)
-    j0, j1 = (int(rows_used[0]), int(rows_used[-1]) + 1) if len(rows_used) else (0, 0)
-    step = int(planes[1] - planes[0]) if len(planes) > 1 else 1
-    if len(planes) and abs(step) == 1 and np.array_equal(np.diff(planes), np.full(len(planes) - 1, step)):
-        lo = int(planes.min())  # consecutive planes (the usual case): a view, no gather
-        box = labels_ijk[:, j0:j1, lo : lo + len(planes)]  # [i, j - j0, k - lo]
-    else:
-        box, step = labels_ijk[:, j0:j1][:, :, planes], 1  # [i, j - j0, plane rank]
-    cols_used = np.flatnonzero(box.max(axis=(1, 2)) > 0 if unsigned and box.size else box.any(axis=(1, 2)))
-    i0, i1 = (int(cols_used[0]), int(cols_used[-1]) + 1) if len(cols_used) else (0, 0)
-    byte_aligned = ni % 8 == 0  # then every frame row starts on a byte: pack the box's bytes only
-    if byte_aligned:
-        i0, i1 = i0 // 8 * 8, -(-i1 // 8) * 8
-    sub = frame_stack(box[i0:i1])  # [plane, row j - j0, column i - i0]
-    if step < 0:
-        sub = sub[::-1]  # plane rank order (a view)
-    frames: list[tuple[int, int, int]] = []
-    kept: list[np.ndarray] = []
-    counted = 0
-    # each segment compared a few planes at a time in one reused buffer and packed (8x smaller) before
-    # its empty frames are dropped: whole-stack masks would each be fresh memory (in a one-shot run their
-    # page faults cost more than the comparisons)
-    buf = np.empty((min(_PLANES_PER_PASS, max(1, len(sub))), *sub.shape[1:]), dtype=bool)
-    for n, value in enumerate(values, start=1):
-        bits = (
-            np.empty((len(sub), sub.shape[1], sub.shape[2] // 8), np.uint8)
-            if byte_aligned
-            else np.empty_like(sub, bool)
-        )
-        for p0 in range(0, len(sub), _PLANES_PER_PASS):
-            part = sub[p0 : p0 + _PLANES_PER_PASS]
-            mask = np.equal(part, value, out=buf[: len(part)])
-            counted += int(np.count_nonzero(mask))
-            bits[p0 : p0 + len(mask)] = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask
-        rank = np.arange(len(planes)) if keep_all else np.flatnonzero(bits.any(axis=(1, 2)))
-        frames.extend((n, int(planes[r]), int(r) + 1) for r in rank)
-        kept.append(bits if keep_all else bits[rank])
-    if counted != int(np.count_nonzero(sub)):  # every labelled voxel is in the box
-        unknown = np.setdiff1d(np.unique(sub), np.asarray([0, *values]))
-        raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
-    # the frames, zero outside the box, in one buffer (packed bytes, or masks where frames share bytes)
-    c0, c1 = (i0 // 8, i1 // 8) if byte_aligned else (i0, i1)
-    stack = np.zeros((len(frames), nj, ni // 8 if byte_aligned else ni), np.uint8 if byte_aligned else bool)
-    f0 = 0
-    for part in kept:
-        stack[f0 : f0 + len(part), j0:j1, c0:c1] = part
-        f0 += len(part)
-    # rows x columns not a multiple of 8: the frames follow one another bit by bit, packed as one stream
-    pixel_data = stack.tobytes() if byte_aligned else np.packbits(stack.reshape(-1), bitorder="little").tobytes()
-    return frames, planes, pixel_data
 
 
 def _ds_text(values) -> str:
@@ -176,13 +89,15 @@ def build_binary_seg(
     series_description: str,
     transfer_syntax_uid: str,
     omit_empty_frames: bool,
-) -> Dataset:
-    """A BINARY SEG dataset (ready for ``save_as``) of ``labels_ijk`` on ``src``'s grid, equal to
-    highdicom's ``Segmentation(source_images, pixels, "BINARY", descriptions, ...)`` but for the
-    differences listed in the module docstring. ``positions_lps`` ``(K, 3)``: each slice's
-    ImagePositionPatient (mm, as :func:`app.io.dicom_source.check_volume_matches_headers` returns
-    them); ``values[n - 1]`` is segment ``n``'s label value;
-    ``descriptions`` are the SegmentSequence items (:func:`app.io.segments.segment_descriptions`).
+) -> tuple[Dataset, PackedFrames | bytes]:
+    """A BINARY SEG of ``labels_ijk`` on ``src``'s grid, equal to highdicom's ``Segmentation(source_images,
+    pixels, "BINARY", descriptions, ...)`` but for the differences listed in the module docstring: the
+    dataset without its PixelData, and that PixelData (:func:`save_binary_seg` writes both).
+
+    ``positions_lps`` ``(K, 3)``: each slice's ImagePositionPatient (mm, as
+    :func:`app.io.dicom_source.check_volume_matches_headers` returns them); ``values[n - 1]`` is
+    segment ``n``'s label value; ``descriptions`` are the SegmentSequence items
+    (:func:`app.io.segments.segment_descriptions`).
     """
     import highdicom as hd
     from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
@@ -363,9 +278,16 @@ def build_binary_seg(
     ds[_T["RefSeries"]] = db.raw_element(_T["RefSeries"], "SQ", db.item(series_item), implicit)
 
     ds.NumberOfFrames = len(frames)
-    if len(pixel_data) % 2:
-        pixel_data += b"\0"
-    ds[0x7FE00010] = DataElement(0x7FE00010, "OB", pixel_data)
     # raw elements are written as they are only when the dataset claims the target encoding
     ds.set_original_encoding(implicit, True, ds._character_set)
-    return ds
+    return ds, pixel_data
+
+
+def save_binary_seg(ds: Dataset, pixel_data: PackedFrames | bytes, path: str | Path) -> None:
+    """Write ``ds`` (as ``save_as`` does) and then its PixelData, the dataset's last element."""
+    if any(tag >= 0x7FE00010 for tag in ds.keys()):
+        raise ValueError("the dataset holds PixelData or a later element; the PixelData must come last")
+    implicit = ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    with open(path, "wb") as fh:
+        ds.save_as(fh, enforce_file_format=True)
+        write_pixel_data(fh, pixel_data, implicit)

@@ -23,7 +23,8 @@ from app import __version__
 from app.errors import ConfigError, DicomError, InputError
 from app.io.atomic import atomic_path
 from app.io.dicom_source import check_volume_matches_headers, frame_ipp_iop, prepare_source_headers, source_series
-from app.io.seg_fast import FAST_TRANSFER_SYNTAXES, build_binary_seg
+from app.io.seg_fast import FAST_TRANSFER_SYNTAXES, build_binary_seg, save_binary_seg
+from app.io.seg_pixels import PackedFrames
 from app.io.segments import SegmentSpec, segment_descriptions, sorted_specs
 from app.io.volume import SeriesVolume, frame_stack
 
@@ -132,6 +133,7 @@ def write_seg(
         with warnings.catch_warnings():
             # highdicom warns about odd source PatientName strings; not ours to fix, keep logs clean
             warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+            pixels: PackedFrames | bytes | None = None  # the fast engine's PixelData, written after the rest
             if engine == "highdicom" or not fast_applies:
                 seg = _highdicom_seg(
                     volume,
@@ -146,7 +148,7 @@ def write_seg(
                     header_args,
                 )
             else:
-                seg = build_binary_seg(
+                seg, pixels = build_binary_seg(
                     source_series(volume, allow_generated_uids),
                     positions_lps,
                     labels_ijk,
@@ -163,7 +165,10 @@ def write_seg(
         # highdicom's checks (source headers: e.g. no SliceThickness, an unknown SOP class; frame encoders)
         raise DicomError(f"cannot build the SEG: {type(exc).__name__}: {exc}") from exc
     with atomic_path(output_path) as tmp:
-        seg.save_as(tmp, enforce_file_format=True)
+        if pixels is None:
+            seg.save_as(tmp, enforce_file_format=True)
+        else:
+            save_binary_seg(seg, pixels, tmp)
     logger.info("wrote SEG with %d segments, %d frames", len(specs), int(seg.NumberOfFrames))
     return output_path
 

@@ -86,14 +86,20 @@ def test_fast_engine_enhanced_multiframe_source(tmp_path):
         "k_against_normal",
         "frame_order_layout",
         "whole_frame",
+        "odd_length",
     ],
 )
 def test_fast_engine_variants_equal_highdicom(tmp_path, case):
     shape = (23, 19, 9) if case == "odd_frame_size" else (24, 20, 16)  # 23 x 19: frames start mid-byte
+    shape = (8, 5, 5) if case == "odd_length" else shape  # 5 frames of 5 bytes: PixelData padded to 26
     info = write_phantom_series(tmp_path / "ct", shape=shape, orientation="oblique")
     vol = read_series(tmp_path / "ct")
     labels, specs, kwargs = info.mask_ijk, SPECS, {}
-    if case == "one_segment" or case == "bool_map":
+    if case == "odd_length":
+        labels, specs = info.mask_ijk, [SegmentSpec(int(v), f"s{v}") for v in np.unique(info.mask_ijk)[1:2]]
+        labels = np.where(labels == specs[0].label_value, labels, 0)
+        kwargs = {"omit_empty_frames": False}
+    elif case == "one_segment" or case == "bool_map":
         labels, specs = info.mask_ijk == 2, [SPECS[1]]
         labels = labels if case == "bool_map" else labels.astype(np.uint8) * 2
         specs = [SegmentSpec(1 if case == "bool_map" else 2, "sphere")]

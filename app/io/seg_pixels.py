@@ -1,0 +1,153 @@
+"""The frames of a BINARY SEG for a label map, and its PixelData written frame by frame.
+
+PS3.5 8.1.1: 1-bit pixels fill each byte from its least significant bit (``np.packbits(...,
+bitorder="little")``); BINARY frames follow one another without padding, so a frame starts
+mid-byte when rows x columns is not a multiple of 8.
+
+Only the box of rows, columns and planes that hold labels is read after the first pass (organs
+cover a fraction of a CT slice); it is transposed to frame order a few planes at a time into one
+reused buffer, each segment compared and packed there, and only the packed box of each non-empty
+frame is kept (an eighth of its voxels). The PixelData is then a :class:`PackedFrames` stream that
+pydicom reads while writing the file (its buffered element values): each frame is the kept box in
+a zero frame, so no whole frame stack is ever held (for a 1100-frame 512 x 512 SEG it was two
+36 MB buffers, the stack and its bytes, fresh memory whose page faults cost more than the copies).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import BinaryIO
+
+import numpy as np
+
+from app.errors import InputError
+from app.io.volume import frame_stack
+
+_PLANES_PER_TRANSPOSE = 64  # a 64-byte cache line of k per (i, j): read once, not once per 16-plane tile
+_PLANES_PER_COMPARE = 8  # a 512 x 512 frame's mask is 256 KiB: 8 of them stay in cache
+
+
+class PackedFrames:
+    """A byte-aligned BINARY PixelData (frames of ``rows x columns / 8`` bytes) held as the kept boxes:
+    ``parts`` are ``[frame, row - j0, byte - c0]`` arrays in frame order, zero outside ``box``."""
+
+    def __init__(self, parts: Sequence[np.ndarray], box: tuple[int, int, int, int], rows: int, row_bytes: int):
+        self.parts = [p for p in parts if len(p)]
+        self.box, self.frame_shape = box, (rows, row_bytes)
+        self.n_frames = sum(len(p) for p in self.parts)
+        self.nbytes = self.n_frames * rows * row_bytes
+
+    def write_to(self, fh: BinaryIO, frames_per_write: int = 32) -> None:
+        """Write the frames, a few at a time from one reused zero buffer (no whole stack in memory)."""
+        j0, j1, c0, c1 = self.box
+        buf = np.zeros((frames_per_write, *self.frame_shape), np.uint8)
+        for part in self.parts:
+            for f0 in range(0, len(part), frames_per_write):
+                chunk = part[f0 : f0 + frames_per_write]
+                buf[: len(chunk), j0:j1, c0:c1] = chunk  # outside the box buf stays zero
+                fh.write(buf[: len(chunk)].data)
+
+
+def write_pixel_data(fh: BinaryIO, pixels: PackedFrames | bytes, implicit_vr: bool) -> None:
+    """Append PixelData (7FE0,0010), OB, padded with NUL to an even length (PS3.5 7.1.1), to a file that
+    holds the rest of the dataset (every other element has a lower tag), Little Endian."""
+    n = pixels.nbytes if isinstance(pixels, PackedFrames) else len(pixels)
+    length = n + n % 2
+    fh.write(
+        struct.pack("<HHI", 0x7FE0, 0x0010, length)
+        if implicit_vr
+        else struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, length)
+    )
+    if isinstance(pixels, PackedFrames):
+        pixels.write_to(fh)
+    else:
+        fh.write(pixels)
+    if n % 2:
+        fh.write(b"\0")
+
+
+def binary_frames(
+    labels_ijk: np.ndarray, values: Sequence[int], plane_order: np.ndarray, omit_empty_frames: bool
+) -> tuple[list[tuple[int, int, int]], np.ndarray, PackedFrames | bytes]:
+    """Frames of a BINARY SEG for a label map, in highdicom's order (segment, then ``plane_order``).
+
+    Args:
+        labels_ijk: ``[i, j, k]`` label map (any integer or bool dtype).
+        values: the label value of segment ``n`` at ``values[n - 1]``.
+        plane_order: slice indices ``k`` in frame order (highdicom's sort along its slice normal).
+        omit_empty_frames: leave out frames without a voxel of their segment (as highdicom, all
+            frames are kept when the whole map is empty).
+
+    Returns:
+        ``(frames, planes, pixel_data)``: per frame ``(segment number, k, plane rank)`` (the rank,
+        1-based, is the frame's dimension index value along the planes kept); the ``k`` of the
+        planes kept, in rank order; the PixelData value (for :func:`write_pixel_data`): a
+        :class:`PackedFrames` when every frame row starts on a byte (columns a multiple of 8), else the
+        bytes of the one bit stream the frames then share.
+
+    Raises:
+        InputError: the map holds values other than 0 and ``values``.
+    """
+    ni, nj, _ = labels_ijk.shape
+    # one pass over the map: which (row j, plane k) hold a label (max over i is cheaper than any)
+    unsigned = labels_ijk.dtype == bool or np.issubdtype(labels_ijk.dtype, np.unsignedinteger)
+    jk = np.max(labels_ijk, axis=0) > 0 if unsigned else np.any(labels_ijk, axis=0)
+    nonempty, rows_used = jk.any(axis=0), np.flatnonzero(jk.any(axis=1))
+    keep_all = not omit_empty_frames or not nonempty.any()
+    planes = np.asarray(plane_order if keep_all else [k for k in plane_order if nonempty[k]], dtype=np.intp)
+    j0, j1 = (int(rows_used[0]), int(rows_used[-1]) + 1) if len(rows_used) else (0, 0)
+    step = int(planes[1] - planes[0]) if len(planes) > 1 else 1
+    if len(planes) and abs(step) == 1 and np.array_equal(np.diff(planes), np.full(len(planes) - 1, step)):
+        lo = int(planes.min())  # consecutive planes (the usual case): a view, no gather
+        box = labels_ijk[:, j0:j1, lo : lo + len(planes)]  # [i, j - j0, k - lo]: rank order, or reversed
+        reverse = step < 0  # read forwards all the same (numpy's loops are slow on negative strides)
+    else:
+        box, reverse = labels_ijk[:, j0:j1][:, :, planes], False  # [i, j - j0, plane rank]
+    cols_used = np.flatnonzero(box.max(axis=(1, 2)) > 0 if unsigned and box.size else box.any(axis=(1, 2)))
+    i0, i1 = (int(cols_used[0]), int(cols_used[-1]) + 1) if len(cols_used) else (0, 0)
+    byte_aligned = ni % 8 == 0  # then every frame row starts on a byte: pack the box's bytes only
+    if byte_aligned:
+        i0, i1 = i0 // 8 * 8, -(-i1 // 8) * 8
+    box = box[i0:i1]
+
+    n_pass = max(1, min(_PLANES_PER_TRANSPOSE, box.shape[2]))
+    stack = np.empty((n_pass, box.shape[1], box.shape[0]), box.dtype)  # a few frames' boxes, reused
+    masks = np.empty((min(_PLANES_PER_COMPARE, n_pass), *stack.shape[1:]), bool)
+    ranks: list[list[np.ndarray]] = [[] for _ in values]
+    kept: list[list[np.ndarray]] = [[] for _ in values]
+    labelled = counted = 0
+    for t0 in range(0, box.shape[2], _PLANES_PER_TRANSPOSE):
+        frames_box = frame_stack(box[:, :, t0 : t0 + _PLANES_PER_TRANSPOSE], out=stack)  # [plane, j - j0, i - i0]
+        labelled += int(np.count_nonzero(frames_box))
+        for c0 in range(0, len(frames_box), _PLANES_PER_COMPARE):
+            sub = frames_box[c0 : c0 + _PLANES_PER_COMPARE]
+            for s, value in enumerate(values):
+                mask = np.equal(sub, value, out=masks[: len(sub)])
+                found = int(np.count_nonzero(mask))
+                counted += found
+                if not found and not keep_all:
+                    continue
+                # packed (8x smaller) before the empty frames are dropped
+                bits = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask.copy()
+                r = np.arange(len(bits)) if keep_all else np.flatnonzero(bits.reshape(len(bits), -1).any(axis=1))
+                ranks[s].append(t0 + c0 + r)
+                kept[s].append(bits if keep_all else bits[r])
+    if counted != labelled:  # every labelled voxel is in the box
+        unknown = np.setdiff1d(np.unique(box), np.asarray([0, *values]))
+        raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
+    if reverse:  # box plane q is rank n - 1 - q
+        n = box.shape[2]
+        ranks = [[(n - 1 - r)[::-1] for r in reversed(seg)] for seg in ranks]
+        kept = [[b[::-1] for b in reversed(seg)] for seg in kept]
+    frames = [(s + 1, int(planes[r]), int(r) + 1) for s in range(len(values)) for part in ranks[s] for r in part]
+    parts = [p for seg in kept for p in seg]
+    if byte_aligned:
+        return frames, planes, PackedFrames(parts, (j0, j1, i0 // 8, i1 // 8), nj, ni // 8)
+    # rows x columns not a multiple of 8: the frames follow one another bit by bit, packed as one stream
+    whole = np.zeros((len(frames), nj, ni), bool)
+    f0 = 0
+    for part in parts:
+        whole[f0 : f0 + len(part), j0:j1, i0:i1] = part
+        f0 += len(part)
+    return frames, planes, np.packbits(whole.reshape(-1), bitorder="little").tobytes()
