@@ -5,8 +5,8 @@ Where the time goes in highdicom (per frame: numpy checks, a pydicom Dataset tre
 datasets, per-frame bit packing; then pydicom encoding those trees) is replaced by:
 
 * the frames: the box that holds labels found with one reduction, transposed to frame order a few
-  planes at a time, compared per segment and bit-packed with numpy, the PixelData made frame by
-  frame as pydicom writes it (:mod:`app.io.seg_pixels`);
+  planes at a time, compared per segment and bit-packed with numpy, the PixelData written after
+  the rest of the dataset, a few frames at a time (:mod:`app.io.seg_pixels`);
 * the per-frame functional groups, SourceImageSequence and ReferencedSeriesSequence encoded as
   bytes from per-slice templates (:mod:`app.io.dicom_bytes`) and added as raw elements.
 

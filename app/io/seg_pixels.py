@@ -7,10 +7,11 @@ mid-byte when rows x columns is not a multiple of 8.
 Only the box of rows, columns and planes that hold labels is read after the first pass (organs
 cover a fraction of a CT slice); it is transposed to frame order a few planes at a time into one
 reused buffer, each segment compared and packed there, and only the packed box of each non-empty
-frame is kept (an eighth of its voxels). The PixelData is then a :class:`PackedFrames` stream that
-pydicom reads while writing the file (its buffered element values): each frame is the kept box in
-a zero frame, so no whole frame stack is ever held (for a 1100-frame 512 x 512 SEG it was two
-36 MB buffers, the stack and its bytes, fresh memory whose page faults cost more than the copies).
+frame is kept (an eighth of its voxels, :class:`PackedFrames`). The PixelData is written after the
+rest of the dataset, a few frames at a time, each the kept box in a zero frame
+(:func:`write_pixel_data`): no whole frame stack is ever held (for a 1100-frame 512 x 512 SEG that
+was two 36 MB buffers, the stack and its bytes, fresh memory whose page faults cost more than the
+copies).
 """
 
 from __future__ import annotations
