@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -101,13 +102,15 @@ class NodeProcess:
             cwd=self.config.parent,
             env=env,
         )
+        # the status page answers before the workers are listed: wait for every configured one
+        expected = int(tomllib.loads(self.config.read_text()).get("node", {}).get("workers", 1))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"segapp serve exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
             try:
-                status = self.status()
-                if all(w["alive"] and w["ready"] for w in status["node"]["workers"]):
+                workers = self.status()["node"]["workers"]
+                if len(workers) == expected and all(w["alive"] and w["ready"] for w in workers):
                     return self
             except OSError:
                 pass
