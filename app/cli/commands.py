@@ -226,6 +226,7 @@ def _infer(a, src: Path) -> int:
     from app.bundle.model import load_model
     from app.inference.jobs import is_dicom_input, parse_formats, plan_nifti_jobs
     from app.inference.pipeline import Segmenter
+    from app.io.dicom_series import scan_for_images
     from app.runtime.preflight import check_device, check_output_dir
 
     if not src.exists():
@@ -236,6 +237,7 @@ def _infer(a, src: Path) -> int:
     dicom = is_dicom_input(src, exclude=out)
     formats = parse_formats(a.format, dicom)
     jobs = [] if dicom else plan_nifti_jobs(src, out, overwrite=a.overwrite, formats=formats)
+    scan = scan_for_images(src, a.series_uid) if dicom else None  # a folder without images fails here
     model = load_model(
         _mlflow_bundle(a),
         a.checkpoint,
@@ -262,6 +264,7 @@ def _infer(a, src: Path) -> int:
             overwrite=a.overwrite,
             study_uid=a.study_uid,
             volume_number=a.volume,
+            scan=scan,
         )
         print("series:  " + res.selection)
         _print_series(res)

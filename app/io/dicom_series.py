@@ -260,6 +260,28 @@ def read_series_info(
     return volume
 
 
+def check_scan(result: ScanResult, path: str | os.PathLike, series_uid: str | None = None) -> None:
+    """Raise ``DicomError`` (naming ``path``) when a scan found no DICOM series, or only non-image ones
+    and no ``series_uid`` asks for one of them."""
+    if not result.series:
+        detail = "; ".join(f"{Path(f).name}: {why}" for f, why in result.skipped[:5])
+        more = f" (+{len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
+        raise DicomError(f"no DICOM files found among {result.n_files} file(s): {detail}{more}", path=str(path))
+    if not any(s.is_image for s in result.series) and not series_uid:
+        raise DicomError(
+            "no DICOM image series found (only: " + ", ".join(sorted({s.modality or "?" for s in result.series})) + ")",
+            path=str(path),
+        )
+
+
+def scan_for_images(path: str | os.PathLike, series_uid: str | None = None) -> ScanResult:
+    """``dicom_scan.scan(path)``, checked by :func:`check_scan`: what ``read_series`` does first (a CLI
+    runs it before building the model, so that a folder without images fails at once)."""
+    result = dicom_scan.scan(path)
+    check_scan(result, path, series_uid)
+    return result
+
+
 def read_series(
     path: str | os.PathLike,
     series_uid: str | None = None,
@@ -301,15 +323,7 @@ def read_series(
             or folder and the problem; never patient data).
     """
     result = scan if scan is not None else dicom_scan.scan(path)
-    if not result.series:
-        detail = "; ".join(f"{Path(f).name}: {why}" for f, why in result.skipped[:5])
-        more = f" (+{len(result.skipped) - 5} more)" if len(result.skipped) > 5 else ""
-        raise DicomError(f"no DICOM files found among {result.n_files} file(s): {detail}{more}", path=str(path))
-    if not any(s.is_image for s in result.series) and not series_uid:
-        raise DicomError(
-            "no DICOM image series found (only: " + ", ".join(sorted({s.modality or "?" for s in result.series})) + ")",
-            path=str(path),
-        )
+    check_scan(result, path, series_uid)
     try:
         info, reason = select_series(result.series, series_uid, rules, study_uid=study_uid, volume=volume)
     except DicomError as exc:

@@ -329,3 +329,20 @@ def test_infer_output_that_is_a_file(tmp_path, capsys):
         "not a folder"
     )
     assert os.path.isfile(tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", ["empty", "not_dicom"])
+def test_folder_without_dicom_is_one_line_before_the_model_is_built(tmp_path, content, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    if content == "not_dicom":
+        (src / "notes.txt").write_text("not an image")
+    missing = tmp_path / "no_such_weights.pt"  # were the model built first, this would be the error
+    rc = main(["infer", "hippocampus_unet3d", "--checkpoint", str(missing), "--device", "cpu"]
+              + ["--input", str(src), "--output", str(tmp_path / "out")])  # fmt: skip
+    assert rc == 2
+    expected = "folder contains no files" if content == "empty" else "no DICOM files found among 1 file(s): notes.txt"
+    captured = capsys.readouterr()
+    (line,) = error_lines(captured.err)
+    assert line.startswith(f"segapp: error: {src}: {expected}"), line
+    assert "model:" not in captured.out
