@@ -45,6 +45,7 @@ run() {  # name, then the command; a failing bench is recorded and the others st
     echo "   FAILED in $((SECONDS - t0)) s (exit $?): tail of $out/$name.log" >&2; tail -20 "$out/$name.log" >&2; status=1; fi
 }
 run infer_speed "$py" bench/infer_speed.py --device "$device" "${infer_args[@]}" --json "$out/infer_speed.json"
+run infer_speed_cold "$py" bench/infer_speed.py --device "$device" "${infer_args[@]}" --cold --json "$out/infer_speed_cold.json"
 run train_throughput "$py" bench/train_throughput.py --device "$device" "${train_args[@]}" --json "$out/train_throughput.json"
 run hippo_accuracy "$py" bench/hippo_accuracy.py --device "$device" "${hippo_args[@]}" --json "$out/hippo_accuracy.json"
 "$py" - "$out" "$device" <<'PY'
@@ -55,7 +56,7 @@ out, device = Path(sys.argv[1]), sys.argv[2]
 name = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else \
     f"CPU ({platform.processor() or platform.machine()})"
 doc = {"device": name, "torch": torch.__version__, "requested": device}
-for bench in ("infer_speed", "train_throughput", "hippo_accuracy"):
+for bench in ("infer_speed", "infer_speed_cold", "train_throughput", "hippo_accuracy"):
     f = out / f"{bench}.json"
     doc[bench] = json.loads(f.read_text()) if f.is_file() else None
 (out / "device_all.json").write_text(json.dumps(doc, indent=1))

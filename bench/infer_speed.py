@@ -15,13 +15,15 @@ weights and window settings (``--roi``, overlap 0.5, Gaussian blending, 4 window
 network is the bundle's UNet3D (``--features``) plus an intensity-band head, so the labels are CT
 structures, not noise; it is written into the bundle config by ``--override`` (with the series rule
 ``modality: CT``, since the hippocampus bundle accepts MR only, and one SEG segment per class).
-Each path runs in a Python process of its own (warm-up on a tiny series first), so the peak resident
+Each path runs in a Python process of its own (warm-up on a tiny series first; ``--cold``: none, the
+first run of the process is timed, as a one-shot ``segapp infer`` pays it), so the peak resident
 set size printed for each is that path's (above the RSS of the imported libraries, the same for
 both). It prints the per-stage breakdown of each path, their totals and ratio, their peak RSS, the
 per-label Dice between the two label maps (on the source grid) and the device.
 
     python bench/infer_speed.py                                   # 256x256x120, about a minute on 2 CPU cores
     python bench/infer_speed.py --shape 512 512 300 --device auto # the full-size series
+    python bench/infer_speed.py --shape 512 512 300 --cold        # its first run in a fresh process
 
 Defaults: a 3 mm network grid (TotalSegmentator's ``--fast``), a 4-8-16 U-Net, and a window fitted to
 the network grid (``--roi fit``: the grid rounded up to the U-Net's pooling multiple, at most 128 per
@@ -364,7 +366,8 @@ def _child(a: argparse.Namespace, work: Path, device: torch.device) -> None:
     run; writes ``<path>.json`` (timings and the process' peak RSS above its RSS once the libraries
     are imported; segapp's taken when ``segapp infer`` returns, before the bench reads its SEG back)
     and ``<path>_labels.npy``."""
-    import highdicom  # noqa: F401  (both paths' libraries loaded before the baseline is read)
+    if not a.cold:
+        import highdicom  # noqa: F401  (both paths' libraries loaded before the baseline is read)
     import monai.transforms  # noqa: F401
 
     import app.cli  # noqa: F401
@@ -376,11 +379,14 @@ def _child(a: argparse.Namespace, work: Path, device: torch.device) -> None:
         shutil.rmtree(work / d, ignore_errors=True)
         (work / d).mkdir(parents=True)
     if a.child == "segapp":
-        run_segapp(bundle, work / "tiny", work / "warm_segapp", ckpt, {**overrides, "patch_size": [32, 32, 32]},
-                   str(device))  # fmt: skip
+        if not a.cold:
+            run_segapp(bundle, work / "tiny", work / "warm_segapp", ckpt, {**overrides, "patch_size": [32, 32, 32]},
+                       str(device))  # fmt: skip
         timings, labels = run_segapp(bundle, work / "series", work / "out_segapp", ckpt, overrides, str(device))
     else:
-        run_monai(work / "tiny", work / "warm_monai", ckpt, a.classes, a.features, [32, 32, 32], a.spacing_net, device)
+        if not a.cold:
+            tiny = (work / "tiny", work / "warm_monai", ckpt, a.classes, a.features, [32, 32, 32], a.spacing_net)
+            run_monai(*tiny, device)
         timings, labels, _ = run_monai(
             work / "series", work / "out_monai", ckpt, a.classes, a.features, a.roi, a.spacing_net, device
         )
@@ -436,6 +442,12 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", help="keep the series and outputs here (default: a temporary folder)")
     ap.add_argument("--skip-monai", action="store_true")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="time each path's first run in its fresh process (no warm-up; highdicom imported when a path needs "
+        "it): what a one-shot CLI run pays",
+    )
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--child", choices=("segapp", "monai"), help=argparse.SUPPRESS)
     a, _ = ap.parse_known_args()  # a child gets the parent's argv again after its own --workdir
@@ -466,7 +478,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(
         f"\ndevice: {name}; torch {torch.__version__}; classes {a.classes}; network grid {a.spacing_net} mm; "
-        f"roi {a.roi}; features {a.features}\n"
+        f"roi {a.roi}; features {a.features}; {'cold: first run of each process' if a.cold else 'after a warm-up'}\n"
     )
     rows = [
         ("read + decode", seg_t["read_s"]),
@@ -481,7 +493,8 @@ def main() -> None:
         print(f"  {k:<34}{v:8.2f}")
     print(f"  {'total (CLI, incl. config + model)':<34}{seg_t['wall_s']:8.2f}")
     print(f"  {'peak RSS above imports (MiB)':<34}{seg_rss:8.0f}")
-    figures: dict = {"device": name, "shape": a.shape, "classes": a.classes, "segapp": seg_t, "segapp_rss_mib": seg_rss}
+    figures: dict = {"device": name, "shape": a.shape, "classes": a.classes, "cold": a.cold}
+    figures.update(segapp=seg_t, segapp_rss_mib=seg_rss)
     if a.skip_monai:
         _write_json(a.json, figures)
         return
