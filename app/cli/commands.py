@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,9 @@ def _infer(a, src: Path) -> int:
     dicom = is_dicom_input(src, exclude=out)
     formats = parse_formats(a.format, dicom)
     jobs = [] if dicom else plan_nifti_jobs(src, out, overwrite=a.overwrite, formats=formats)
+    t_scan = time.perf_counter()
     scan = scan_for_images(src, a.series_uid) if dicom else None  # a folder without images fails here
+    t_scan = time.perf_counter() - t_scan
     model = load_model(
         _mlflow_bundle(a),
         a.checkpoint,
@@ -265,6 +268,7 @@ def _infer(a, src: Path) -> int:
             study_uid=a.study_uid,
             volume_number=a.volume,
             scan=scan,
+            scan_s=t_scan,
         )
         print("series:  " + res.selection)
         _print_series(res)

@@ -155,12 +155,14 @@ class Segmenter:
         study_uid: str | None = None,
         volume_number: int | None = None,
         scan=None,
+        scan_s: float = 0.0,
     ) -> SeriesResult:
         """Segment one DICOM series of ``folder``; write the requested outputs and ``<key>_summary.json``.
 
         ``series_uid`` / ``study_uid`` / ``volume_number`` choose the stack as in
         ``app.io.dicom_series.read_series`` (``--series-uid``, ``--study-uid``, ``--volume``); ``scan`` is a
-        scan of ``folder`` already made (it is not scanned again).
+        scan of ``folder`` already made (it is not scanned again), ``scan_s`` the seconds it took, counted
+        in ``read_s`` (``segapp infer`` scans before it builds the model; a batch's one scan is not counted).
 
         Raises:
             SegappError: the series cannot be read or segmented, or an output exists (without
@@ -169,7 +171,7 @@ class Segmenter:
         """
         from app.io.dicom_series import read_series
 
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - scan_s  # the series' clock starts with its scan
         out = Path(output_dir)
         volume = read_series(
             folder,

@@ -346,3 +346,20 @@ def test_folder_without_dicom_is_one_line_before_the_model_is_built(tmp_path, co
     (line,) = error_lines(captured.err)
     assert line.startswith(f"segapp: error: {src}: {expected}"), line
     assert "model:" not in captured.out
+
+
+def test_a_scan_made_before_the_model_counts_in_read_s(tmp_path, run):
+    """``segapp infer`` scans the folder before it builds the model and hands the scan on: its seconds
+    still count in the series' read_s and total_s."""
+    from app.bundle.model import load_model
+    from app.inference.pipeline import Segmenter
+    from app.io.dicom_series import scan_for_images
+
+    write_phantom_series(tmp_path / "ct", modality="MR", shape=(20, 18, 10))
+    segmenter = Segmenter(load_model(run=run, device="cpu"))
+    res = segmenter.dicom(
+        tmp_path / "ct", tmp_path / "out", ["nifti"], scan=scan_for_images(tmp_path / "ct"), scan_s=30.0
+    )
+    assert 30.0 <= res.timings["read_s"] < 60.0 and res.timings["total_s"] >= res.timings["read_s"]
+    summary = json.loads(next((tmp_path / "out").glob("*_summary.json")).read_text())
+    assert summary["timings"]["read_s"] == pytest.approx(res.timings["read_s"])
