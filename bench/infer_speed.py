@@ -451,11 +451,19 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--child", choices=("segapp", "monai"), help=argparse.SUPPRESS)
     a, _ = ap.parse_known_args()  # a child gets the parent's argv again after its own --workdir
+    if min(a.shape) < 1 or min(a.spacing) <= 0 or a.spacing_net <= 0 or a.classes < 2:
+        ap.error("--shape needs positive sizes, --spacing/--spacing-net positive mm, --classes at least 2")
+    if a.json is not None and not a.json.parent.is_dir():
+        ap.error(f"--json: folder {a.json.parent} does not exist")
     a.roi = parse_roi(ap, a.roi, a.shape, a.spacing, a.spacing_net, a.features)
 
+    from app.errors import ConfigError
     from app.runtime.device import resolve_device
 
-    device = resolve_device(a.device)
+    try:
+        device = resolve_device(a.device)
+    except ConfigError as exc:
+        ap.error(str(exc))
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="infer_speed_"))
     if a.child:
         _child(a, work, device)

@@ -181,6 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--first", choices=("fast", "highdicom"), help="(internal) time this process's first write")
     args = ap.parse_args(argv)
+    if args.slices < 170 or args.repeats < 1:
+        ap.error("--slices needs at least 170 (the labels lie on slices 100-169), --repeats at least 1")
     if args.first:
         print(f"{first_write(args.first, args.slices):.4f}")
         return 0
