@@ -36,8 +36,7 @@ class PackedFrames:
     def __init__(self, parts: Sequence[np.ndarray], box: tuple[int, int, int, int], rows: int, row_bytes: int):
         self.parts = [p for p in parts if len(p)]
         self.box, self.frame_shape = box, (rows, row_bytes)
-        self.n_frames = sum(len(p) for p in self.parts)
-        self.nbytes = self.n_frames * rows * row_bytes
+        self.nbytes = sum(len(p) for p in self.parts) * rows * row_bytes
 
     def write_to(self, fh: BinaryIO, frames_per_write: int = 32) -> None:
         """Write the frames, a few at a time from one reused zero buffer (no whole stack in memory)."""
