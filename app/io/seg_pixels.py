@@ -5,10 +5,19 @@ bitorder="little")``); BINARY frames follow one another without padding, so a fr
 mid-byte when rows x columns is not a multiple of 8.
 
 Only the box of rows, columns and planes that hold labels is read after the first pass (organs
-cover a fraction of a CT slice); it is transposed to frame order a few planes at a time into one
-reused buffer, each segment compared and packed there, and only the packed box of each non-empty
-frame is kept (an eighth of its voxels, :class:`PackedFrames`). The PixelData is written after the
-rest of the dataset, a few frames at a time, each the kept box in a zero frame
+cover a fraction of a CT slice), a few planes per pass. How depends on the map's memory:
+
+* ``[i, j, k]`` with ``k`` fastest (C order, what inference returns): the pass is copied into one
+  reused C-contiguous buffer (every ``(i, j)`` row once), each segment compared there a column slab
+  at a time and columns ``8c .. 8c + 7`` packed into byte ``c`` by shifts over whole slabs; only the
+  packed pass (an eighth) is transposed to frame order. Transposing the uint8 box itself, then
+  comparing and packing frame rows, took 15.2 ms where this takes 11.8 (512 x 512 x 300, 3 labels,
+  150 frames; 2-core CPU machine).
+* frame order (``i`` fastest, as ``read_series`` returns): frame rows are contiguous, so each frame's
+  rows are compared and packed in place.
+
+Only the packed box of each non-empty frame is kept (:class:`PackedFrames`). The PixelData is
+written after the rest of the dataset, a few frames at a time, each the kept box in a zero frame
 (:func:`write_pixel_data`): no whole frame stack is ever held (for a 1100-frame 512 x 512 SEG that
 was two 36 MB buffers, the stack and its bytes, fresh memory whose page faults cost more than the
 copies).
@@ -23,10 +32,9 @@ from typing import BinaryIO
 import numpy as np
 
 from app.errors import InputError
-from app.io.volume import frame_stack
 
-_PLANES_PER_TRANSPOSE = 64  # a 64-byte cache line of k per (i, j): read once, not once per 16-plane tile
-_PLANES_PER_COMPARE = 8  # a 512 x 512 frame's mask is 256 KiB: 8 of them stay in cache
+_COLUMN_PASS_BYTES = 16 << 20  # of a C-order box per pass: fewer passes, each copying every (i, j) row once
+_PLANES_PER_FRAME_PASS = 8  # a 512 x 512 frame's mask is 256 KiB: 8 of them stay in cache
 
 
 class PackedFrames:
@@ -111,28 +119,33 @@ def binary_frames(
         i0, i1 = i0 // 8 * 8, -(-i1 // 8) * 8
     box = box[i0:i1]
 
-    n_pass = max(1, min(_PLANES_PER_TRANSPOSE, box.shape[2]))
-    stack = np.empty((n_pass, box.shape[1], box.shape[0]), box.dtype)  # a few frames' boxes, reused
-    masks = np.empty((min(_PLANES_PER_COMPARE, n_pass), *stack.shape[1:]), bool)
+    frame_ordered = box.strides[0] < box.strides[2]  # [i, j, k] over [k, j, i] memory (read_series' layout)
+    plane_bytes = box.shape[0] * box.shape[1] * box.itemsize
+    n_pass = _PLANES_PER_FRAME_PASS if frame_ordered else _COLUMN_PASS_BYTES // max(1, plane_bytes)
+    n_pass = max(1, min(n_pass, box.shape[2]))
+    buffers = _Buffers(box, n_pass, byte_aligned)
     ranks: list[list[np.ndarray]] = [[] for _ in values]
     kept: list[list[np.ndarray]] = [[] for _ in values]
     labelled = counted = 0
-    for t0 in range(0, box.shape[2], _PLANES_PER_TRANSPOSE):
-        frames_box = frame_stack(box[:, :, t0 : t0 + _PLANES_PER_TRANSPOSE], out=stack)  # [plane, j - j0, i - i0]
-        labelled += int(np.count_nonzero(frames_box))
-        for c0 in range(0, len(frames_box), _PLANES_PER_COMPARE):
-            sub = frames_box[c0 : c0 + _PLANES_PER_COMPARE]
-            for s, value in enumerate(values):
-                mask = np.equal(sub, value, out=masks[: len(sub)])
-                found = int(np.count_nonzero(mask))
-                counted += found
-                if not found and not keep_all:
-                    continue
-                # packed (8x smaller) before the empty frames are dropped
-                bits = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask.copy()
-                r = np.arange(len(bits)) if keep_all else np.flatnonzero(bits.reshape(len(bits), -1).any(axis=1))
-                ranks[s].append(t0 + c0 + r)
-                kept[s].append(bits if keep_all else bits[r])
+    for t0 in range(0, box.shape[2], n_pass):
+        chunk = box[:, :, t0 : t0 + n_pass]
+        if frame_ordered:
+            labelled += int(np.count_nonzero(chunk))
+            per_segment = _from_frames(chunk.transpose(2, 1, 0), values, byte_aligned, buffers)
+        else:
+            columns = buffers.columns(chunk)
+            labelled += int(np.count_nonzero(columns))
+            per_segment = _from_columns(columns, values, byte_aligned, buffers)
+        for s, (found, planes_box, nonempty) in enumerate(per_segment):
+            counted += found
+            if not found and not keep_all:
+                continue
+            r = np.arange(len(planes_box)) if keep_all else np.flatnonzero(nonempty)
+            ranks[s].append(t0 + r)
+            # a copy (the buffers are reused): [plane, j - j0, byte (or i) - i0]; a run of planes, the usual
+            # case, as one strided copy rather than a gather
+            run = len(r) and r[-1] - r[0] == len(r) - 1
+            kept[s].append(planes_box[r[0] : r[-1] + 1].copy() if run else planes_box[r])
     if counted != labelled:  # every labelled voxel is in the box
         unknown = np.setdiff1d(np.unique(box), np.asarray([0, *values]))
         raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
@@ -151,3 +164,61 @@ def binary_frames(
         whole[f0 : f0 + len(part), j0:j1, i0:i1] = part
         f0 += len(part)
     return frames, planes, np.packbits(whole.reshape(-1), bitorder="little").tobytes()
+
+
+class _Buffers:
+    """The reused buffers of one :func:`binary_frames` call, flat so that a shorter last pass still
+    gets C-contiguous arrays."""
+
+    def __init__(self, box: np.ndarray, n_pass: int, byte_aligned: bool):
+        ni, nj, _ = box.shape
+        n = ni * nj * n_pass
+        self.frame_mask = np.empty(n if box.strides[0] < box.strides[2] else 0, bool)
+        self.copy = np.empty(0 if len(self.frame_mask) else n, box.dtype)
+        self.column_mask = np.empty(0 if len(self.frame_mask) else -(-n // 64) * 8 if byte_aligned else n, bool)
+        self.packed = np.empty(len(self.column_mask) if byte_aligned else 0, np.uint8)
+
+    def columns(self, chunk: np.ndarray) -> np.ndarray:
+        """``chunk`` ([i, j, plane]) copied C-contiguous: every later pass reads long rows."""
+        out = self.copy[: chunk.size].reshape(chunk.shape)
+        np.copyto(out, chunk)
+        return out
+
+
+def _from_frames(frames: np.ndarray, values: Sequence[int], byte_aligned: bool, buffers: _Buffers):
+    """Per segment ``(voxels, frames [plane, j, byte or i], plane has a voxel)`` of a ``[plane, j, i]``
+    view whose rows are contiguous: each frame row packed along its own memory."""
+    for value in values:
+        mask = np.equal(frames, value, out=buffers.frame_mask[: frames.size].reshape(frames.shape))
+        bits = np.packbits(mask, axis=2, bitorder="little") if byte_aligned else mask
+        yield int(np.count_nonzero(mask)), bits, bits.reshape(len(bits), -1).any(axis=1)
+
+
+def _from_columns(columns: np.ndarray, values: Sequence[int], byte_aligned: bool, buffers: _Buffers):
+    """Per segment ``(voxels, frames [plane, j, byte or i], plane has a voxel)`` of a C-contiguous
+    ``[i, j, plane]`` array: columns ``8c + b`` (b = 0 .. 7) compared as whole ``[c, j, plane]`` slabs
+    and packed into byte ``c`` (``byte |= mask << b``), so that only the packed array (an eighth) is
+    transposed to frame order."""
+    ni, nj, n = columns.shape
+    if not byte_aligned:
+        for value in values:
+            mask = np.equal(columns, value, out=buffers.column_mask[: columns.size].reshape(columns.shape))
+            yield int(np.count_nonzero(mask)), mask.transpose(2, 1, 0), mask.reshape(-1, n).any(axis=0)
+        return
+    width = nj * n
+    slabs = columns.reshape(ni // 8, 8, width)
+    size = ni // 8 * width
+    words = -(-size // 8)  # shift and or 8 mask bytes at a time (the buffers hold whole words)
+    packed, mask = buffers.packed[: 8 * words], buffers.column_mask[: 8 * words]
+    packed_w, mask_w = packed.view(np.uint64), mask.view(np.uint64)
+    for value in values:
+        found = 0
+        for b in range(8):
+            np.equal(slabs[:, b], value, out=mask[:size].reshape(ni // 8, width))
+            found += int(np.count_nonzero(mask[:size]))
+            if b == 0:
+                np.copyto(packed, mask.view(np.uint8))
+            else:  # mask bytes are 0 or 1: a shift by b < 8 stays inside its byte
+                np.bitwise_or(packed_w, np.left_shift(mask_w, b, out=mask_w), out=packed_w)
+        packed_cjp = packed[:size].reshape(ni // 8, nj, n)
+        yield found, packed_cjp.transpose(2, 1, 0), packed_cjp.reshape(-1, n).any(axis=0)

@@ -39,16 +39,3 @@ def test_ras_and_lps_affines_name_the_same_points():
     lps, ras = voxel_to_world(affine_lps, ijk), voxel_to_world(lps_to_ras(affine_lps), ijk)
     np.testing.assert_allclose(ras, lps * [-1, -1, 1])
     np.testing.assert_allclose(ras_to_lps(lps_to_ras(affine_lps)), affine_lps)
-
-
-def test_frame_stack_into_a_reused_buffer():
-    rng = np.random.default_rng(3)
-    a = rng.integers(0, 5, size=(37, 21, 19), dtype=np.uint8)  # C order: a copy is made
-    buf = np.full((24, 21, 37), 255, np.uint8)  # more frames than needed
-    got = frame_stack(a, out=buf)
-    np.testing.assert_array_equal(got, frame_stack(a))
-    assert got.base is buf or got.base is buf.base  # written into the buffer, not a new array
-    assert (buf[19:] == 255).all()  # frames beyond K untouched
-    for bad in (np.empty((18, 21, 37), np.uint8), np.empty((24, 21, 36), np.uint8), np.empty((24, 21, 37), np.int16)):
-        with pytest.raises(ValueError, match="cannot hold"):
-            frame_stack(a, out=bad)
