@@ -39,7 +39,7 @@ _PLANES_PER_FRAME_PASS = 8  # a 512 x 512 frame's mask is 256 KiB: 8 of them sta
 
 class PackedFrames:
     """A byte-aligned BINARY PixelData (frames of ``rows x columns / 8`` bytes) held as the kept boxes:
-    ``parts`` are ``[frame, row - j0, byte - c0]`` arrays in frame order, zero outside ``box``."""
+    ``parts`` are ``[frame, row - j0, byte - c0]`` arrays (any memory order) in frame order, zero outside ``box``."""
 
     def __init__(self, parts: Sequence[np.ndarray], box: tuple[int, int, int, int], rows: int, row_bytes: int):
         self.parts = [p for p in parts if len(p)]
@@ -143,9 +143,9 @@ def binary_frames(
             r = np.arange(len(planes_box)) if keep_all else np.flatnonzero(nonempty)
             ranks[s].append(t0 + r)
             # a copy (the buffers are reused): [plane, j - j0, byte (or i) - i0]; a run of planes, the usual
-            # case, as one strided copy rather than a gather
+            # case, copied in the buffer's memory order (PackedFrames.write_to transposes it into its frames)
             run = len(r) and r[-1] - r[0] == len(r) - 1
-            kept[s].append(planes_box[r[0] : r[-1] + 1].copy() if run else planes_box[r])
+            kept[s].append(planes_box[r[0] : r[-1] + 1].copy(order="K") if run else planes_box[r])
     if counted != labelled:  # every labelled voxel is in the box
         unknown = np.setdiff1d(np.unique(box), np.asarray([0, *values]))
         raise InputError(f"label values {unknown.tolist()} occur in the label map but have no segment description")
@@ -175,8 +175,8 @@ class _Buffers:
         n = ni * nj * n_pass
         self.frame_mask = np.empty(n if box.strides[0] < box.strides[2] else 0, bool)
         self.copy = np.empty(0 if len(self.frame_mask) else n, box.dtype)
-        self.column_mask = np.empty(0 if len(self.frame_mask) else -(-n // 64) * 8 if byte_aligned else n, bool)
-        self.packed = np.empty(len(self.column_mask) if byte_aligned else 0, np.uint8)
+        self.column_mask = np.zeros(0 if len(self.frame_mask) else -(-n // 64) * 8 if byte_aligned else n, bool)
+        self.packed = np.zeros(len(self.column_mask) if byte_aligned else 0, np.uint8)
 
     def columns(self, chunk: np.ndarray) -> np.ndarray:
         """``chunk`` ([i, j, plane]) copied C-contiguous: every later pass reads long rows."""
@@ -208,17 +208,14 @@ def _from_columns(columns: np.ndarray, values: Sequence[int], byte_aligned: bool
     width = nj * n
     slabs = columns.reshape(ni // 8, 8, width)
     size = ni // 8 * width
-    words = -(-size // 8)  # shift and or 8 mask bytes at a time (the buffers hold whole words)
+    words = -(-size // 8)  # shift, or and count 8 bytes at a time; the buffers' tails stay zero
     packed, mask = buffers.packed[: 8 * words], buffers.column_mask[: 8 * words]
     packed_w, mask_w = packed.view(np.uint64), mask.view(np.uint64)
     for value in values:
-        found = 0
-        for b in range(8):
+        np.equal(slabs[:, 0], value, out=packed[:size].view(bool).reshape(ni // 8, width))  # bit 0
+        for b in range(1, 8):  # mask bytes are 0 or 1: a shift by b < 8 stays inside its byte
             np.equal(slabs[:, b], value, out=mask[:size].reshape(ni // 8, width))
-            found += int(np.count_nonzero(mask[:size]))
-            if b == 0:
-                np.copyto(packed, mask.view(np.uint8))
-            else:  # mask bytes are 0 or 1: a shift by b < 8 stays inside its byte
-                np.bitwise_or(packed_w, np.left_shift(mask_w, b, out=mask_w), out=packed_w)
+            np.bitwise_or(packed_w, np.left_shift(mask_w, b, out=mask_w), out=packed_w)
+        found = int(np.bitwise_count(packed_w).sum())
         packed_cjp = packed[:size].reshape(ni // 8, nj, n)
         yield found, packed_cjp.transpose(2, 1, 0), packed_cjp.reshape(-1, n).any(axis=0)
