@@ -13,6 +13,8 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 
 from app.errors import DicomError, InputError
@@ -34,17 +36,18 @@ TYPE2_PATIENT_STUDY = (
     "AccessionNumber",
 )
 _PIXEL_DATA = 0x7FE00010
-_IPP, _IOP, _PER_FRAME = 0x00200032, 0x00200037, 0x52009230
+# tags as BaseTag: pydicom's lookups then skip converting the key (a third of their time, per slice)
+_IPP, _IOP, _PER_FRAME = BaseTag(0x00200032), BaseTag(0x00200037), BaseTag(0x52009230)
 
 
-def _tag(keyword: str) -> int:
+def _tag(keyword: str) -> BaseTag:
     tag = pydicom.datadict.tag_for_keyword(keyword)
     if tag is None:
         raise KeyError(keyword)
-    return tag
+    return BaseTag(tag)
 
 
-def _text(ds: Dataset, tag: int) -> str:
+def _text(ds: Dataset, tag: BaseTag) -> str:
     elem = ds.get(tag)
     return "" if elem is None or elem.value is None else str(elem.value).strip()
 
@@ -78,6 +81,20 @@ def frame_ipp_iop(ds: Dataset, frame: int = 1) -> tuple[np.ndarray | None, np.nd
     )
 
 
+def _ipp_iop_numbers(ds: Dataset, frame: int) -> list[float] | None:
+    """The 3 + 6 numbers of a frame's ImagePositionPatient (LPS mm) and ImageOrientationPatient
+    (:func:`frame_ipp_iop`'s), None where absent or of the wrong length."""
+    ipp, iop = ds.get(_IPP), ds.get(_IOP)
+    if ipp is not None and iop is not None:  # a legacy header: frame_ipp_iop's answer without its arrays
+        p, o = ipp.value, iop.value
+        if isinstance(p, MultiValue) and isinstance(o, MultiValue) and len(p) == 3 and len(o) == 6:
+            return [*map(float, p), *map(float, o)]
+    position, orientation = frame_ipp_iop(ds, frame)
+    if position is None or orientation is None or position.shape != (3,) or orientation.shape != (6,):
+        return None
+    return [*position.tolist(), *orientation.tolist()]
+
+
 def check_volume_matches_headers(volume: SeriesVolume) -> np.ndarray:
     """Guard against a volume whose array/affine no longer match its headers (resampled, reordered):
     a derived object's frames or contours would then land on the wrong slices.
@@ -99,13 +116,13 @@ def check_volume_matches_headers(volume: SeriesVolume) -> np.ndarray:
     affine = np.asarray(volume.affine_lps, dtype=np.float64)
     spacing = voxel_spacing(affine)
     n = len(volume.datasets)
-    positions, orientations = np.empty((n, 3)), np.empty((n, 6))
+    table = np.empty((n, 9))
     for k, ds in enumerate(volume.datasets):
-        frame = volume.frame_numbers[k] if volume.frame_numbers else 1
-        ipp, iop = frame_ipp_iop(ds, frame)
-        if ipp is None or iop is None or ipp.shape != (3,) or iop.shape != (6,):
+        row = _ipp_iop_numbers(ds, volume.frame_numbers[k] if volume.frame_numbers else 1)
+        if row is None:
             raise DicomError(f"source slice {k} has no valid ImagePositionPatient/ImageOrientationPatient")
-        positions[k], orientations[k] = ipp, iop
+        table[k] = row
+    positions, orientations = table[:, :3], table[:, 3:]
     expect = affine[:3, 3] + np.arange(n)[:, None] * affine[:3, 2]
     off = np.linalg.norm(positions - expect, axis=1) > 0.25 * spacing[2] + 1e-3
     if off.any():

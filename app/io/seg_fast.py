@@ -31,7 +31,7 @@ import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pydicom.valuerep import DS, format_number_as_ds
+from pydicom.valuerep import format_number_as_ds, is_valid_ds
 
 from app.errors import InputError
 from app.io import dicom_bytes as db
@@ -64,9 +64,21 @@ _T = {  # tags used in the byte templates
 }
 
 
+def ds_value_text(value: object) -> str:
+    """``str(DS(value, auto_format=True))`` (how highdicom writes DS values) without building the DS
+    (3.5 -> 0.6 us a value): a DS's original string when it is valid (or already auto-formatted),
+    else the number formatted by pydicom's ``format_number_as_ds``."""
+    text = value.strip() if isinstance(value, str) else getattr(value, "original_string", None)
+    if text is None:
+        return format_number_as_ds(float(value))  # type: ignore[arg-type]
+    if getattr(value, "auto_format", False) or is_valid_ds(text):
+        return text
+    return format_number_as_ds(float(text))
+
+
 def _ds_text(values) -> str:
-    """DS values as highdicom writes them (``DS(v, auto_format=True)``), joined for one element."""
-    return "\\".join(str(DS(v, auto_format=True)) for v in values)
+    """DS values as highdicom writes them, joined for one element."""
+    return "\\".join(ds_value_text(v) for v in values)
 
 
 def build_binary_seg(

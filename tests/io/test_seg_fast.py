@@ -10,6 +10,8 @@ import pydicom
 import pytest
 from dicom_phantoms import write_enhanced_multiframe, write_phantom_series
 from dicom_validation import assert_dciodvfy_clean
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.sequence import Sequence as DicomSequence
 from seg_compare import assert_same_seg, seg_differences
 
@@ -166,3 +168,39 @@ def test_compare_helper_sees_differences(tmp_path):
     assert any("PlanePositionSequence[0].ImagePositionPatient" in p for p in problems)
     assert any("SegmentLabel" in p for p in problems)
     assert any("SharedFunctionalGroupsSequence" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pydicom.valuerep.DSfloat("-250.000"),  # a source header's string, kept as written
+        pydicom.valuerep.DSfloat(" 12.5 "),
+        pydicom.valuerep.DSfloat("1.234567890123456789", validation_mode=pydicom.config.IGNORE),  # too long
+        pydicom.valuerep.DSfloat(0.1 + 0.2, auto_format=True),
+        0.1 + 0.2,
+        -1.0e-7,
+        123456789012345.6,
+        -1.0e20,
+        3,
+        np.float64(-88.40000000000001),
+        "7.25",
+        " 1.000000000000000001 ",
+    ],
+)
+def test_ds_value_text_is_what_highdicom_writes(value):
+    from pydicom.valuerep import DS
+
+    from app.io.seg_fast import ds_value_text
+
+    assert ds_value_text(value) == str(DS(value, auto_format=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False), st.booleans())
+def test_ds_value_text_of_any_number(number, as_header_string):
+    from pydicom.valuerep import DS, DSfloat
+
+    from app.io.seg_fast import ds_value_text
+
+    value = DSfloat(repr(number), validation_mode=pydicom.config.IGNORE) if as_header_string else number
+    assert ds_value_text(value) == str(DS(value, auto_format=True))
