@@ -101,6 +101,7 @@ def build_binary_seg(
     series_description: str,
     transfer_syntax_uid: str,
     omit_empty_frames: bool,
+    occupancy: np.ndarray | None = None,
 ) -> tuple[Dataset, PackedFrames | bytes]:
     """A BINARY SEG of ``labels_ijk`` on ``src``'s grid, equal to highdicom's ``Segmentation(source_images,
     pixels, "BINARY", descriptions, ...)`` but for the differences listed in the module docstring: the
@@ -109,7 +110,7 @@ def build_binary_seg(
     ``positions_lps`` ``(K, 3)``: each slice's ImagePositionPatient (mm, as
     :func:`app.io.dicom_source.check_volume_matches_headers` returns them); ``values[n - 1]`` is
     segment ``n``'s label value; ``descriptions`` are the SegmentSequence items
-    (:func:`app.io.segments.segment_descriptions`).
+    (:func:`app.io.segments.segment_descriptions`); ``occupancy``: see :func:`binary_frames`.
     """
     import highdicom as hd
     from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
@@ -211,7 +212,7 @@ def build_binary_seg(
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
 
-    frames, planes, pixel_data = binary_frames(labels_ijk, values, plane_order, omit_empty_frames)
+    frames, planes, pixel_data = binary_frames(labels_ijk, values, plane_order, omit_empty_frames, occupancy)
 
     shared = Dataset()
     shared.PlaneOrientationSequence = orientation

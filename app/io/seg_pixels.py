@@ -75,8 +75,22 @@ def write_pixel_data(fh: BinaryIO, pixels: PackedFrames | bytes, implicit_vr: bo
         fh.write(b"\0")
 
 
+def label_occupancy(labels_ijk: np.ndarray) -> np.ndarray:
+    """``[j, k]`` bool: which rows ``j`` of which planes ``k`` of an ``[i, j, k]`` map hold a label.
+
+    :func:`binary_frames`' one pass over the whole map (max over ``i``: cheaper than any), memory-bound
+    numpy that holds no GIL, so a caller may run it on a thread while it reads the headers.
+    """
+    unsigned = labels_ijk.dtype == bool or np.issubdtype(labels_ijk.dtype, np.unsignedinteger)
+    return np.asarray(np.max(labels_ijk, axis=0) > 0 if unsigned else np.any(labels_ijk, axis=0))
+
+
 def binary_frames(
-    labels_ijk: np.ndarray, values: Sequence[int], plane_order: np.ndarray, omit_empty_frames: bool
+    labels_ijk: np.ndarray,
+    values: Sequence[int],
+    plane_order: np.ndarray,
+    omit_empty_frames: bool,
+    occupancy: np.ndarray | None = None,
 ) -> tuple[list[tuple[int, int, int]], np.ndarray, PackedFrames | bytes]:
     """Frames of a BINARY SEG for a label map, in highdicom's order (segment, then ``plane_order``).
 
@@ -86,6 +100,7 @@ def binary_frames(
         plane_order: slice indices ``k`` in frame order (highdicom's sort along its slice normal).
         omit_empty_frames: leave out frames without a voxel of their segment (as highdicom, all
             frames are kept when the whole map is empty).
+        occupancy: :func:`label_occupancy` of the map when the caller has it (else computed here).
 
     Returns:
         ``(frames, planes, pixel_data)``: per frame ``(segment number, k, plane rank)`` (the rank,
@@ -98,10 +113,9 @@ def binary_frames(
         InputError: the map holds values other than 0 and ``values``.
     """
     ni, nj, _ = labels_ijk.shape
-    # one pass over the map: which (row j, plane k) hold a label (max over i is cheaper than any)
     unsigned = labels_ijk.dtype == bool or np.issubdtype(labels_ijk.dtype, np.unsignedinteger)
-    jk = np.max(labels_ijk, axis=0) > 0 if unsigned else np.any(labels_ijk, axis=0)
-    nonempty, rows_used = jk.any(axis=0), np.flatnonzero(jk.any(axis=1))
+    jk = label_occupancy(labels_ijk) if occupancy is None else occupancy
+    nonempty, rows_used = np.asarray(jk.any(axis=0)), np.flatnonzero(jk.any(axis=1))
     keep_all = not omit_empty_frames or not nonempty.any()
     planes = np.asarray(plane_order if keep_all else [k for k in plane_order if nonempty[k]], dtype=np.intp)
     j0, j1 = (int(rows_used[0]), int(rows_used[-1]) + 1) if len(rows_used) else (0, 0)

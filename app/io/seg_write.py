@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pydicom
@@ -24,11 +25,12 @@ from app.errors import ConfigError, DicomError, InputError
 from app.io.atomic import atomic_path
 from app.io.dicom_source import check_volume_matches_headers, frame_ipp_iop, prepare_source_headers, source_series
 from app.io.seg_fast import FAST_TRANSFER_SYNTAXES, build_binary_seg, save_binary_seg
-from app.io.seg_pixels import PackedFrames
+from app.io.seg_pixels import PackedFrames, label_occupancy
 from app.io.segments import SegmentSpec, segment_descriptions, sorted_specs
 from app.io.volume import SeriesVolume, frame_stack
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def check_label_map(volume: SeriesVolume, labels_ijk: np.ndarray) -> np.ndarray:
@@ -39,6 +41,15 @@ def check_label_map(volume: SeriesVolume, labels_ijk: np.ndarray) -> np.ndarray:
     if not np.issubdtype(labels_ijk.dtype, np.integer) and labels_ijk.dtype != bool:
         raise InputError(f"label map must be integer, got {labels_ijk.dtype}")
     return labels_ijk
+
+
+def _in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """``fn(*args)`` on a thread of its own, which ends with it (nothing waits for it but the result)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="segapp-seg")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def write_seg(
@@ -107,6 +118,10 @@ def write_seg(
             f"SEG engine {engine!r} cannot write {segmentation_type} in {transfer_syntax_uid}; "
             "the fast engine writes BINARY in Explicit/Implicit VR Little Endian"
         )
+    use_fast = engine != "highdicom" and fast_applies
+    # the fast engine's first pass over the map is numpy without the GIL: on a thread, it overlaps the
+    # header reads below (on 512 x 512 x 300, ~2.8 of the ~4 ms they take)
+    occupancy = _in_background(label_occupancy, labels_ijk) if use_fast else None
     positions_lps = check_volume_matches_headers(volume)
     if segmentation_type == "BINARY" and (volume.shape[0] * volume.shape[1]) % 8:
         # the standard packs BINARY frames back to back, so frames then start mid-byte; OHIF 3.13's dcmjs
@@ -134,7 +149,7 @@ def write_seg(
             # highdicom warns about odd source PatientName strings; not ours to fix, keep logs clean
             warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
             pixels: PackedFrames | bytes | None = None  # the fast engine's PixelData, written after the rest
-            if engine == "highdicom" or not fast_applies:
+            if not use_fast:
                 seg = _highdicom_seg(
                     volume,
                     labels_ijk,
@@ -159,6 +174,7 @@ def write_seg(
                     series_description=series_description[:64],
                     transfer_syntax_uid=str(transfer_syntax_uid),
                     omit_empty_frames=omit_empty_frames,
+                    occupancy=occupancy.result() if occupancy is not None else None,
                     **header_args,
                 )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
