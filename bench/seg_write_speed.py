@@ -5,7 +5,8 @@ frames. The source headers are copies of a real GE CT header (``tests/data/dicom
 attributes, pixel data dropped) with per-slice UIDs and positions, so highdicom does the work it
 does on a real series.
 
-Timed (best and median of ``--repeats``, after one untimed warm-up of each):
+Timed (best and median of ``--repeats``, after one untimed warm-up of each; the three below one after
+the other in every repeat, each into a new file):
 
   highdicom  ``hd.seg.Segmentation(...)`` + ``save_as`` alone: its inputs (the [k, j, i] segment-number
              array, the repaired source headers, the segment descriptions) are built outside the timing;
@@ -165,13 +166,21 @@ def first_writes(slices: int, runs: int = 3) -> dict[str, list[float]]:
     return out
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: imports, highdicom's module tables
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+def timed_interleaved(writers: dict, repeats: int, folder: Path) -> dict[str, list[float]]:
+    """Seconds of each ``writers[name](path)``, one of each in turn per repeat (this VM's speed drifts
+    from one minute to the next: each ratio then compares writes made side by side). Every write
+    makes a new file, as every series' SEG is one (writing over a file first frees the old one's
+    blocks); each is removed after its timing."""
+    for name, write in writers.items():  # warm-up: imports, highdicom's module tables
+        write(folder / f"{name}_warm.dcm")
+    out: dict[str, list[float]] = {name: [] for name in writers}
+    for r in range(repeats):
+        for name, write in writers.items():
+            path = folder / f"{name}_{r}.dcm"
+            t0 = time.perf_counter()
+            write(path)
+            out[name].append(time.perf_counter() - t0)
+            path.unlink()
     return out
 
 
@@ -196,16 +205,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         inputs = highdicom_inputs(vol, labels)
-        hd_s = timed(lambda: run_highdicom(inputs, tmp / "hd.dcm"), args.repeats)
-        hd_t_s = timed(lambda: run_highdicom(inputs, tmp / "hd.dcm", labels), args.repeats)
-        fast_s = timed(lambda: write_seg(vol, labels, seg_specs, ALGO, tmp / "fast.dcm", engine="fast"), args.repeats)
-        ws_hd_s = timed(
-            lambda: write_seg(vol, labels, seg_specs, ALGO, tmp / "ws_hd.dcm", engine="highdicom"),
-            max(1, args.repeats // 2),
+        times = timed_interleaved(
+            {
+                "highdicom": lambda path: run_highdicom(inputs, path),
+                "highdicom_with_input": lambda path: run_highdicom(inputs, path, labels),
+                "fast": lambda path: write_seg(vol, labels, seg_specs, ALGO, path, engine="fast"),
+            },
+            args.repeats,
+            tmp,
         )
+        hd_s, hd_t_s, fast_s = times["highdicom"], times["highdicom_with_input"], times["fast"]
+        ws_hd_s = timed_interleaved(
+            {"ws_hd": lambda path: write_seg(vol, labels, seg_specs, ALGO, path, engine="highdicom")},
+            max(1, args.repeats // 2),
+            tmp,
+        )["ws_hd"]
 
         from seg_compare import assert_same_seg
 
+        write_seg(vol, labels, seg_specs, ALGO, tmp / "fast.dcm", engine="fast")
         write_seg(vol, labels, seg_specs, ALGO, tmp / "ref.dcm", engine="highdicom")
         try:
             fast_ds, _ = assert_same_seg(tmp / "fast.dcm", tmp / "ref.dcm")
