@@ -10,9 +10,9 @@ cover a fraction of a CT slice), a few planes per pass. How depends on the map's
 * ``[i, j, k]`` with ``k`` fastest (C order, what inference returns): the pass is copied into one
   reused C-contiguous buffer (every ``(i, j)`` row once), each segment compared there a column slab
   at a time and columns ``8c .. 8c + 7`` packed into byte ``c`` by shifts over whole slabs; only the
-  packed pass (an eighth) is transposed to frame order. Transposing the uint8 box itself, then
-  comparing and packing frame rows, took 15.2 ms where this takes 11.8 (512 x 512 x 300, 3 labels,
-  150 frames; 2-core CPU machine).
+  packed pass (an eighth) is transposed to frame order, as it is written. Transposing the uint8 box
+  itself, then comparing and packing frame rows, took 14.3-14.9 ms where this takes 10.0-10.4 and
+  0.9 more in :meth:`PackedFrames.write_to` (512 x 512 x 300, 3 labels, 150 frames; 2-core CPU machine).
 * frame order (``i`` fastest, as ``read_series`` returns): frame rows are contiguous, so each frame's
   rows are compared and packed in place.
 
