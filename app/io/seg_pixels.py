@@ -227,8 +227,9 @@ def _from_columns(columns: np.ndarray, values: Sequence[int], byte_aligned: bool
     width = nj * n
     slabs = columns.reshape(ni // 8, 8, width)
     size = ni // 8 * width
-    words = -(-size // 8)  # shift, or and count 8 bytes at a time; the buffers' tails stay zero
+    words = -(-size // 8)  # shift, or and count 8 bytes at a time
     packed, mask = buffers.packed[: 8 * words], buffers.column_mask[: 8 * words]
+    packed[size:], mask[size:] = 0, False  # a word's tail may hold a longer pass's bytes; it must count none
     packed_w, mask_w = packed.view(np.uint64), mask.view(np.uint64)
     for value in values:
         np.equal(slabs[:, 0], value, out=packed[:size].view(bool).reshape(ni // 8, width))  # bit 0

@@ -81,3 +81,16 @@ def test_binary_frames_refuses_an_undescribed_label(layout):
     labels = label_map(np.random.default_rng(1), (16, 12, 7), layout)
     with pytest.raises(InputError, match=r"label values \[3\]"):
         binary_frames(labels, [1, 2], np.arange(7), True)
+
+
+@pytest.mark.parametrize("layout", ["columns", "frames"])
+def test_binary_frames_passes_of_odd_sizes(monkeypatch, layout):
+    """Every voxel labelled, passes of 3, 3 and 1 planes whose packed sizes (54, 54, 18 bytes) are not
+    whole 8-byte words: nothing of one pass may leak into the next."""
+    monkeypatch.setattr(seg_pixels, "_COLUMN_PASS_BYTES", 16 * 9 * 3)
+    monkeypatch.setattr(seg_pixels, "_PLANES_PER_FRAME_PASS", 3)
+    labels = np.random.default_rng(5).integers(1, 4, (16, 9, 7)).astype(np.uint8)
+    labels = labels if layout == "columns" else np.asarray(labels, order="F")
+    frames, _, pixels = binary_frames(labels, [1, 2, 3], np.arange(7), True)
+    want_frames, _, want_bytes = plain_frames(labels, [1, 2, 3], np.arange(7), True)
+    assert frames == want_frames and pixel_bytes(pixels) == want_bytes
