@@ -120,7 +120,7 @@ def write_seg(
         )
     use_fast = engine != "highdicom" and fast_applies
     # the fast engine's first pass over the map is numpy without the GIL: on a thread, it overlaps the
-    # header reads below (on 512 x 512 x 300, ~2.8 of the ~4 ms they take)
+    # header reads below (512 x 512 x 300: a 2.8 ms pass; warm write_seg 29.3 -> 26.4 ms)
     occupancy = _in_background(label_occupancy, labels_ijk) if use_fast else None
     positions_lps = check_volume_matches_headers(volume)
     if segmentation_type == "BINARY" and (volume.shape[0] * volume.shape[1]) % 8:
