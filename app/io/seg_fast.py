@@ -23,6 +23,7 @@ this instance" (it did not create it); a pixel data of odd length is padded with
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from app.io import dicom_bytes as db
 from app.io.derived_header import acquisition_equipment, sop_header
 from app.io.dicom_source import SourceSeries
 from app.io.seg_pixels import PackedFrames, binary_frames, write_pixel_data
-from app.io.segments import SEG_STORAGE
+from app.io.segments import SEG_STORAGE, SegmentSpec, segment_descriptions
 
 # Native transfer syntaxes the fast builder writes (compressed ones go through highdicom).
 FAST_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit / Implicit VR Little Endian
@@ -76,6 +77,21 @@ def ds_value_text(value: object) -> str:
     return format_number_as_ds(float(text))
 
 
+@functools.lru_cache(maxsize=32)
+def encoded_segment_sequence(
+    specs: tuple[SegmentSpec, ...], algorithm: tuple[str, str], implicit: bool
+) -> bytes | None:
+    """The items of the SegmentSequence of ``segment_descriptions(specs, algorithm)``, encoded once
+    per set of segments (a DICOM node writes the same ones series after series: 1.1 ms a SEG to build
+    and write them with highdicom and pydicom). None when a text is not ASCII: its bytes then depend
+    on the source's character set."""
+    texts = [*algorithm, *(t for s in specs for t in (s.label_name, *s.category_code, *s.type_code))]
+    texts += [t for s in specs if s.type_modifier_code for t in s.type_modifier_code]
+    if not all(str(t).isascii() for t in texts):
+        return None
+    return b"".join(db.item(db.encode_dataset(d, implicit)) for d in segment_descriptions(specs, algorithm))
+
+
 def _ds_text(values) -> str:
     """DS values as highdicom writes them, joined for one element."""
     return "\\".join(ds_value_text(v) for v in values)
@@ -86,7 +102,7 @@ def build_binary_seg(
     positions_lps: np.ndarray,
     labels_ijk: np.ndarray,
     values: Sequence[int],
-    descriptions: Sequence[Dataset],
+    descriptions: Sequence[Dataset] | bytes,
     *,
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -110,7 +126,8 @@ def build_binary_seg(
     ``positions_lps`` ``(K, 3)``: each slice's ImagePositionPatient (mm, as
     :func:`app.io.dicom_source.check_volume_matches_headers` returns them); ``values[n - 1]`` is
     segment ``n``'s label value; ``descriptions`` are the SegmentSequence items
-    (:func:`app.io.segments.segment_descriptions`); ``occupancy``: see :func:`binary_frames`.
+    (:func:`app.io.segments.segment_descriptions`) or their encoding (:func:`encoded_segment_sequence`);
+    ``occupancy``: see :func:`binary_frames`.
     """
     import highdicom as hd
     from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
@@ -160,7 +177,10 @@ def build_binary_seg(
             if kw in first:
                 ds[kw] = first[kw]
     ds.Rows, ds.Columns = labels_ijk.shape[1], labels_ijk.shape[0]
-    ds.SegmentSequence = list(descriptions)
+    if isinstance(descriptions, bytes):
+        ds[0x00620002] = db.raw_element(0x00620002, "SQ", descriptions, implicit)  # SegmentSequence
+    else:
+        ds.SegmentSequence = list(descriptions)
     ds.SegmentsOverlap = "NO"  # one label per voxel
 
     dim_org = generate_uid()

@@ -24,7 +24,7 @@ from app import __version__
 from app.errors import ConfigError, DicomError, InputError
 from app.io.atomic import atomic_path
 from app.io.dicom_source import check_volume_matches_headers, frame_ipp_iop, prepare_source_headers, source_series
-from app.io.seg_fast import FAST_TRANSFER_SYNTAXES, build_binary_seg, save_binary_seg
+from app.io.seg_fast import FAST_TRANSFER_SYNTAXES, build_binary_seg, encoded_segment_sequence, save_binary_seg
 from app.io.seg_pixels import PackedFrames, label_occupancy
 from app.io.segments import SegmentSpec, segment_descriptions, sorted_specs
 from app.io.volume import SeriesVolume, frame_stack
@@ -133,7 +133,10 @@ def write_seg(
             volume.shape[1],
             volume.shape[0],
         )
-    descriptions = segment_descriptions(specs, algorithm)
+    implicit = str(transfer_syntax_uid) == pydicom.uid.ImplicitVRLittleEndian
+    algo = (str(algorithm[0]), str(algorithm[1]))
+    encoded = encoded_segment_sequence(tuple(specs), algo, implicit) if use_fast else None
+    descriptions = segment_descriptions(specs, algorithm) if encoded is None else []
     header_args: dict[str, Any] = {
         "series_number": int(series_number),
         "instance_number": int(instance_number),
@@ -168,7 +171,7 @@ def write_seg(
                     positions_lps,
                     labels_ijk,
                     [s.label_value for s in specs],
-                    descriptions,
+                    descriptions if encoded is None else encoded,
                     series_instance_uid=generate_uid(),
                     sop_instance_uid=generate_uid(),
                     series_description=series_description[:64],

@@ -204,3 +204,19 @@ def test_ds_value_text_of_any_number(number, as_header_string):
 
     value = DSfloat(repr(number), validation_mode=pydicom.config.IGNORE) if as_header_string else number
     assert ds_value_text(value) == str(DS(value, auto_format=True))
+
+
+def test_segment_texts_beyond_ascii_are_written_in_the_source_character_set(tmp_path):
+    """The encoded SegmentSequence is reused only for ASCII texts; a label in Latin-1 (the phantom's
+    ISO_IR 100) goes through pydicom with the SEG's character set, as highdicom writes it."""
+    from app.io.seg_fast import encoded_segment_sequence
+
+    info = write_phantom_series(tmp_path / "ct", shape=(16, 12, 6), orientation="oblique")
+    vol = read_series(tmp_path / "ct")
+    specs = [SegmentSpec(1, "Lébér", type_code=("10200004", "SCT", "Liver")), SPECS[1], SPECS[2]]
+    assert encoded_segment_sequence(tuple(specs), ALGO, False) is None
+    assert encoded_segment_sequence(tuple(SPECS), ALGO, False) == encoded_segment_sequence(tuple(SPECS), ALGO, False)
+    fast_path, ref_path = _write_both(tmp_path, vol, info.mask_ijk, specs)
+    fast, _ = assert_same_seg(fast_path, ref_path)
+    assert fast.SpecificCharacterSet == "ISO_IR 100" and fast.SegmentSequence[0].SegmentLabel == "Lébér"
+    assert_dciodvfy_clean(fast_path)
