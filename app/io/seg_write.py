@@ -134,8 +134,11 @@ def write_seg(
             volume.shape[0],
         )
     implicit = str(transfer_syntax_uid) == pydicom.uid.ImplicitVRLittleEndian
-    algo = (str(algorithm[0]), str(algorithm[1]))
-    encoded = encoded_segment_sequence(tuple(specs), algo, implicit) if use_fast else None
+    try:
+        algo = (str(algorithm[0]), str(algorithm[1]))
+        encoded = encoded_segment_sequence(tuple(specs), algo, implicit) if use_fast else None
+    except TypeError:  # a spec holding lists is no cache key: its descriptions are built for this SEG alone
+        encoded = None
     descriptions = segment_descriptions(specs, algorithm) if encoded is None else []
     header_args: dict[str, Any] = {
         "series_number": int(series_number),

@@ -215,6 +215,9 @@ def test_segment_texts_beyond_ascii_are_written_in_the_source_character_set(tmp_
     vol = read_series(tmp_path / "ct")
     specs = [SegmentSpec(1, "Lébér", type_code=("10200004", "SCT", "Liver")), SPECS[1], SPECS[2]]
     assert encoded_segment_sequence(tuple(specs), ALGO, False) is None
+    # codes given as lists (no cache key): written all the same
+    listed = [SegmentSpec(1, "box", type_code=["10200004", "SCT", "Liver"]), SPECS[1], SPECS[2]]  # type: ignore[arg-type]
+    assert_same_seg(*_write_both(tmp_path / "listed", vol, info.mask_ijk, listed))
     assert encoded_segment_sequence(tuple(SPECS), ALGO, False) == encoded_segment_sequence(tuple(SPECS), ALGO, False)
     fast_path, ref_path = _write_both(tmp_path, vol, info.mask_ijk, specs)
     fast, _ = assert_same_seg(fast_path, ref_path)
