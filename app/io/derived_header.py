@@ -123,6 +123,8 @@ def sop_header(
     import highdicom as hd
 
     _, _, has_content_date = _facts(sop_class_uid)
+    if has_content_date is None:
+        raise KeyError(f"highdicom's tables fail on SOP class {sop_class_uid}")
     if series_number < 1 or instance_number < 1:
         raise ValueError("series and instance numbers must be positive integers")
     ds = Dataset()
@@ -170,8 +172,6 @@ def sop_header(
     charset = source.get("SpecificCharacterSet")
     if charset is not None:
         ds.SpecificCharacterSet = _character_set(charset)
-    if has_content_date is None:
-        raise KeyError(f"highdicom's tables fail on SOP class {sop_class_uid}")
     if has_content_date:
         ds.ContentDate = DA(now.date())
         ds.ContentTime = TM(now.time())
