@@ -4,19 +4,19 @@ map on a series' grid, built in one pass.
 Where the time goes in highdicom (per frame: numpy checks, a pydicom Dataset tree of ~12 nested
 datasets, per-frame bit packing; then pydicom encoding those trees) is replaced by:
 
-* the frames: the box that holds labels found with one reduction, transposed to frame order a few
-  planes at a time, compared per segment and bit-packed with numpy, the PixelData written after
-  the rest of the dataset, a few frames at a time (:mod:`app.io.seg_pixels`);
+* the frames: the box that holds labels found with one reduction, compared per segment and
+  bit-packed with numpy a few planes at a time, the PixelData written after the rest of the dataset,
+  a few frames at a time (:mod:`app.io.seg_pixels`);
 * the per-frame functional groups, SourceImageSequence and ReferencedSeriesSequence encoded as
   bytes from per-slice templates (:mod:`app.io.dicom_bytes`) and added as raw elements.
 
-highdicom still builds what it is fast at: the codes, segment descriptions, contributing equipment,
-plane orientation and pixel measures; the SOP Common/patient/study header is the one its
-``SOPClass`` builds, without its module tables (:mod:`app.io.derived_header`); its
-``highdicom.spatial`` functions give the frame order and slice spacing, so they are highdicom's by
-construction. Differences from highdicom's output (kept on purpose): the
-ContributingEquipmentSequence does not list highdicom as the "software library used to create
-this instance" (it did not create it); a pixel data of odd length is padded with NUL
+highdicom still builds what it is fast at: the codes, segment descriptions (encoded once per set of
+segments, :func:`encoded_segment_sequence`), contributing equipment, plane orientation and pixel
+measures; the SOP Common/patient/study header is the one its ``SOPClass`` builds, without its module
+tables (:mod:`app.io.derived_header`); its ``highdicom.spatial`` functions give the frame order and
+slice spacing, so they are highdicom's by construction. Differences from highdicom's output (kept on
+purpose): the ContributingEquipmentSequence does not list highdicom as the "software library used to
+create this instance" (it did not create it); a pixel data of odd length is padded with NUL
 (highdicom pads with the character ``"0"``); the DimensionOrganizationUID has pydicom's UID root.
 ``tests/io/test_seg_fast.py`` compares everything else with highdicom attribute by attribute.
 """
@@ -260,14 +260,13 @@ def build_binary_seg(
     derivation_seq = db.sequence(_T["DerivationCode"], [db.encode_dataset(derivation, implicit)], implicit)
     preserved = db.text(_T["SpatialLocationsPreserved"], "CS", "YES", implicit)
 
-    def ref_uids(n: int) -> bytes:
-        return db.text(_T["RefSOPClass"], "UI", src.sop_class_uids[n], implicit) + db.text(
-            _T["RefSOPInstance"], "UI", src.sop_instance_uids[n], implicit
-        )
-
+    refs = [  # each source instance's SOP class and instance UIDs, encoded once
+        db.text(_T["RefSOPClass"], "UI", cls, implicit) + db.text(_T["RefSOPInstance"], "UI", uid, implicit)
+        for cls, uid in zip(src.sop_class_uids, src.sop_instance_uids)
+    ]
     slice_blocks: dict[int, bytes] = {}
     for k in {f[1] for f in frames}:
-        source_item = ref_uids(src.instance_of_slice[k])
+        source_item = refs[src.instance_of_slice[k]]
         if src.multiframe:
             source_item += db.text(_T["RefFrameNumber"], "IS", str(src.frame_numbers[k]), implicit)
         source_item += preserved + purpose_seq
@@ -303,7 +302,6 @@ def build_binary_seg(
         for n, k, rank in frames
     )
     ds[0x52009230] = db.raw_element(0x52009230, "SQ", per_frame, implicit)  # PerFrameFunctionalGroupsSequence
-    refs = [ref_uids(n) for n in range(len(src.instances))]
     ds[_T["SourceImage"]] = db.raw_element(_T["SourceImage"], "SQ", b"".join(db.item(r) for r in refs), implicit)
     series_item = db.sequence(_T["RefInstance"], refs, implicit) + db.text(
         _T["SeriesInstanceUID"], "UI", src.series_instance_uid, implicit
