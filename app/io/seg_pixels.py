@@ -142,7 +142,7 @@ def binary_frames(
     plane_bytes = box.shape[0] * box.shape[1] * box.itemsize
     n_pass = _PLANES_PER_FRAME_PASS if frame_ordered else _COLUMN_PASS_BYTES // max(1, plane_bytes)
     n_pass = max(1, min(n_pass, box.shape[2]))
-    buffers = _Buffers(box, n_pass, byte_aligned)
+    buffers = _Buffers(box, n_pass, byte_aligned, frame_ordered)
     ranks: list[list[np.ndarray]] = [[] for _ in values]
     kept: list[list[np.ndarray]] = [[] for _ in values]
     labelled = counted = 0
@@ -189,12 +189,13 @@ class _Buffers:
     """The reused buffers of one :func:`binary_frames` call, flat so that a shorter last pass still
     gets C-contiguous arrays."""
 
-    def __init__(self, box: np.ndarray, n_pass: int, byte_aligned: bool):
+    def __init__(self, box: np.ndarray, n_pass: int, byte_aligned: bool, frame_ordered: bool):
         ni, nj, _ = box.shape
         n = ni * nj * n_pass
-        self.frame_mask = np.empty(n if box.strides[0] < box.strides[2] else 0, bool)
-        self.copy = np.empty(0 if len(self.frame_mask) else n, box.dtype)
-        self.column_mask = np.zeros(0 if len(self.frame_mask) else -(-n // 64) * 8 if byte_aligned else n, bool)
+        columns = 0 if frame_ordered else n  # the column path's buffers; the frame path needs only its mask
+        self.frame_mask = np.empty(n - columns, bool)
+        self.copy = np.empty(columns, box.dtype)
+        self.column_mask = np.zeros(-(-columns // 64) * 8 if byte_aligned else columns, bool)
         self.packed = np.zeros(len(self.column_mask) if byte_aligned else 0, np.uint8)
 
     def columns(self, chunk: np.ndarray) -> np.ndarray:
