@@ -133,13 +133,14 @@ def write_seg(
             volume.shape[1],
             volume.shape[0],
         )
-    implicit = str(transfer_syntax_uid) == pydicom.uid.ImplicitVRLittleEndian
-    try:
-        algo = (str(algorithm[0]), str(algorithm[1]))
-        encoded = encoded_segment_sequence(tuple(specs), algo, implicit) if use_fast else None
-    except TypeError:  # a spec holding lists is no cache key: its descriptions are built for this SEG alone
-        encoded = None
-    descriptions = segment_descriptions(specs, algorithm) if encoded is None else []
+    encoded = None
+    if use_fast:
+        implicit = str(transfer_syntax_uid) == pydicom.uid.ImplicitVRLittleEndian
+        try:
+            encoded = encoded_segment_sequence(tuple(specs), (str(algorithm[0]), str(algorithm[1])), implicit)
+        except TypeError:  # a spec holding lists is no cache key: its descriptions are built for this SEG alone
+            pass
+    descriptions = segment_descriptions(specs, algorithm) if encoded is None else encoded
     header_args: dict[str, Any] = {
         "series_number": int(series_number),
         "instance_number": int(instance_number),
@@ -174,7 +175,7 @@ def write_seg(
                     positions_lps,
                     labels_ijk,
                     [s.label_value for s in specs],
-                    descriptions if encoded is None else encoded,
+                    descriptions,
                     series_instance_uid=generate_uid(),
                     sop_instance_uid=generate_uid(),
                     series_description=series_description[:64],
