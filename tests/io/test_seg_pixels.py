@@ -94,3 +94,21 @@ def test_binary_frames_passes_of_odd_sizes(monkeypatch, layout):
     frames, _, pixels = binary_frames(labels, [1, 2, 3], np.arange(7), True)
     want_frames, _, want_bytes = plain_frames(labels, [1, 2, 3], np.arange(7), True)
     assert frames == want_frames and pixel_bytes(pixels) == want_bytes
+
+
+@pytest.mark.parametrize("layout", ["columns", "frames"])
+@pytest.mark.parametrize("ni", [40, 37])
+def test_binary_frames_passes_of_different_columns(monkeypatch, layout, ni):
+    """Each pass packs only its own columns: passes whose labels lie in columns 1-6, then 17-36 (a wider
+    part), then 9-14 (a narrower one beside it) and then none; no part's bytes may stay in another's frames."""
+    monkeypatch.setattr(seg_pixels, "_COLUMN_PASS_BYTES", ni * 10 * 3)  # 3 planes per pass
+    monkeypatch.setattr(seg_pixels, "_PLANES_PER_FRAME_PASS", 3)
+    rng = np.random.default_rng(ni + 7)
+    labels = np.zeros((ni, 10, 12), np.uint8)
+    for planes, columns in ((slice(0, 3), slice(1, 7)), (slice(3, 6), slice(17, 37)), (slice(6, 9), slice(9, 15))):
+        labels[columns, 2:9, planes] = rng.integers(0, 3, labels[columns, 2:9, planes].shape)
+    labels = labels if layout == "columns" else np.asarray(labels, order="F")
+    for omit_empty_frames in (True, False):
+        frames, _, pixels = binary_frames(labels, [1, 2], np.arange(12), omit_empty_frames)
+        want_frames, _, want_bytes = plain_frames(labels, [1, 2], np.arange(12), omit_empty_frames)
+        assert frames == want_frames and pixel_bytes(pixels) == want_bytes
