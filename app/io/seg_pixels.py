@@ -34,6 +34,7 @@ from typing import BinaryIO
 import numpy as np
 
 from app.errors import InputError
+from app.io.atomic import start_writeback
 
 _COLUMN_PASS_BYTES = 16 << 20  # of a C-order box per pass: fewer passes, each copying every (i, j) row once
 _PLANES_PER_FRAME_PASS = 8  # a 512 x 512 frame's mask is 256 KiB: 8 of them stay in cache
@@ -53,9 +54,11 @@ class PackedFrames:
         self.nbytes = sum(len(p) for _, p in self.parts) * rows * row_bytes
 
     def write_to(self, fh: BinaryIO, frames_per_write: int = 32) -> None:
-        """Write the frames, a few at a time from one reused zero buffer (no whole stack in memory)."""
+        """Write the frames, a few at a time from one reused zero buffer (no whole stack in memory), each
+        block handed to the disk as it is written (:func:`app.io.atomic.start_writeback`)."""
         j0, j1 = self.rows_used
         buf = np.zeros((frames_per_write, *self.frame_shape), np.uint8)
+        flushed = fh.tell()
         written = (0, 0)  # the bytes of buf's rows j0 .. j1 a part may have set
         for c0, part in self.parts:
             c1 = c0 + part.shape[2]
@@ -68,6 +71,7 @@ class PackedFrames:
                     tile = chunk[:, r : r + _ROWS_PER_COPY]
                     buf[: len(chunk), j0 + r : j0 + r + tile.shape[1], c0:c1] = tile
                 fh.write(buf[: len(chunk)].data)
+                flushed = start_writeback(fh, flushed)  # the disk writes while the next frames are made
 
 
 def write_pixel_data(fh: BinaryIO, pixels: PackedFrames | bytes, implicit_vr: bool) -> None:
