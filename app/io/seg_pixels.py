@@ -156,8 +156,12 @@ def binary_frames(
         chunk = box[:, :, t0 : t0 + n_pass]
         # each pass packs only its own columns i0 .. i1 (whole bytes when aligned); a C-order pass finds
         # them in its contiguous copy: reducing the strided box instead cost more than the copy itself
-        data = chunk.transpose(2, 1, 0) if frame_ordered else buffers.columns(chunk)  # [plane, j, i] / [i, j, plane]
-        used = np.flatnonzero(_labelled(data, (0, 1) if frame_ordered else (1, 2), unsigned))
+        if frame_ordered:
+            data = chunk.transpose(2, 1, 0)  # [plane, j, i]
+            used = np.flatnonzero(_labelled(data, (0, 1), unsigned))
+        else:
+            data = buffers.columns(chunk)  # [i, j, plane], C-contiguous
+            used = np.flatnonzero(_labelled(data.reshape(len(data), -1), 1, unsigned))  # 2-D: 0.6 -> 0.2 ms
         i0, i1 = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
         if byte_aligned:
             i0, i1 = i0 // 8 * 8, -(-i1 // 8) * 8
@@ -199,7 +203,7 @@ def binary_frames(
     return frames, planes, np.packbits(whole.reshape(-1), bitorder="little").tobytes()
 
 
-def _labelled(a: np.ndarray, axis: tuple[int, int], unsigned: bool) -> np.ndarray:
+def _labelled(a: np.ndarray, axis: int | tuple[int, int], unsigned: bool) -> np.ndarray:
     """Which indices along the axis not in ``axis`` hold a label (``max > 0``: cheaper than ``any``)."""
     return np.asarray(a.max(axis=axis) > 0 if unsigned and a.size else a.any(axis=axis))
 
