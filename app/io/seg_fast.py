@@ -149,6 +149,7 @@ def build_binary_seg(
     """
     import highdicom as hd
     from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
+
     if transfer_syntax_uid not in FAST_TRANSFER_SYNTAXES:
         raise ValueError(f"the fast SEG builder writes only native transfer syntaxes, not {transfer_syntax_uid}")
     implicit = transfer_syntax_uid == "1.2.840.10008.1.2"

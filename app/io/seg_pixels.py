@@ -203,6 +203,20 @@ def binary_frames(
     return frames, planes, np.packbits(whole.reshape(-1), bitorder="little").tobytes()
 
 
+def _columns_with_bits(a: np.ndarray) -> np.ndarray:
+    """``a.any(axis=0)`` of a C-contiguous 2-D uint8 array with short rows (a pass's planes), OR-reduced
+    over rows of a few KiB instead: numpy's reduction over the first axis pays per row (44 x 350 rows of
+    70: 0.24 -> 0.03 ms)."""
+    rows, n = a.shape
+    fold = max(1, min(rows, 8192 // max(1, n)))  # rows of a folded into one row of fold * n bytes
+    head = rows // fold * fold
+    acc = np.bitwise_or.reduce(a[:head].reshape(rows // fold, fold * n), axis=0)
+    acc = np.bitwise_or.reduce(acc.reshape(fold, n), axis=0)
+    if head < rows:
+        acc |= np.bitwise_or.reduce(a[head:], axis=0)
+    return acc != 0
+
+
 def _labelled(a: np.ndarray, axis: int | tuple[int, int], unsigned: bool) -> np.ndarray:
     """Which indices along the axis not in ``axis`` hold a label (``max > 0``: cheaper than ``any``)."""
     return np.asarray(a.max(axis=axis) > 0 if unsigned and a.size else a.any(axis=axis))
@@ -262,4 +276,4 @@ def _from_columns(columns: np.ndarray, values: Sequence[int], byte_aligned: bool
             np.bitwise_or(packed_w, np.left_shift(mask_w, b, out=mask_w), out=packed_w)
         found = int(np.bitwise_count(packed_w).sum())
         packed_cjp = packed[:size].reshape(ni // 8, nj, n)
-        yield found, packed_cjp.transpose(2, 1, 0), packed_cjp.reshape(-1, n).any(axis=0)
+        yield found, packed_cjp.transpose(2, 1, 0), _columns_with_bits(packed_cjp.reshape(-1, n))

@@ -112,3 +112,14 @@ def test_binary_frames_passes_of_different_columns(monkeypatch, layout, ni):
         frames, _, pixels = binary_frames(labels, [1, 2], np.arange(12), omit_empty_frames)
         want_frames, _, want_bytes = plain_frames(labels, [1, 2], np.arange(12), omit_empty_frames)
         assert frames == want_frames and pixel_bytes(pixels) == want_bytes
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (1, 70), (117, 70), (15400, 70), (20001, 3), (9, 8192), (5, 9000)])
+def test_columns_with_bits_is_any_over_rows(shape):
+    """The folded OR-reduction that finds a pass's non-empty planes, remainders of the fold included."""
+    rng = np.random.default_rng(shape[0])
+    a = np.zeros(shape, np.uint8)
+    if a.size:
+        a[rng.integers(0, shape[0], 7), rng.integers(0, shape[1], 7)] = rng.integers(1, 256, 7)
+        a[-1, -1] = 4  # a bit in the last row: in the fold's remainder where there is one
+    np.testing.assert_array_equal(seg_pixels._columns_with_bits(a), a.any(axis=0))
