@@ -13,8 +13,8 @@ hold labels. How depends on the map's memory:
   reducing the strided box took 2.3), each segment compared there a column slab
   at a time and columns ``8c .. 8c + 7`` packed into byte ``c`` by shifts over whole slabs; only the
   packed pass (an eighth) is transposed to frame order, as it is written. Transposing the uint8 box
-  itself, then comparing and packing frame rows, took 14.3-14.9 ms where this takes 10.0-10.4 and
-  0.9 more in :meth:`PackedFrames.write_to` (512 x 512 x 300, 3 labels, 150 frames; 2-core CPU machine).
+  itself, then comparing and packing frame rows, took 14.3-14.9 ms where this takes 6-7 and 0.8 more
+  in :meth:`PackedFrames.write_to` (512 x 512 x 300, 3 labels, 150 frames; 2-core CPU machine).
 * frame order (``i`` fastest, as ``read_series`` returns): frame rows are contiguous, so each frame's
   rows are compared and packed in place.
 
@@ -154,21 +154,16 @@ def binary_frames(
     labelled = counted = 0
     for t0 in range(0, box.shape[2], n_pass):
         chunk = box[:, :, t0 : t0 + n_pass]
-        # each pass packs only its own columns i0 .. i1 (whole bytes when aligned); a C-order pass finds
-        # them in its contiguous copy: reducing the strided box instead cost more than the copy itself
+        # each pass packs only its own columns i0 .. i1; a C-order pass finds them in its contiguous copy
+        # (reducing the strided box instead cost more than the copy itself)
         if frame_ordered:
             data = chunk.transpose(2, 1, 0)  # [plane, j, i]
-            used = np.flatnonzero(_labelled(data, (0, 1), unsigned))
-        else:
-            data = buffers.columns(chunk)  # [i, j, plane], C-contiguous
-            used = np.flatnonzero(_labelled(data.reshape(len(data), -1), 1, unsigned))  # 2-D: 0.6 -> 0.2 ms
-        i0, i1 = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 0)
-        if byte_aligned:
-            i0, i1 = i0 // 8 * 8, -(-i1 // 8) * 8
-        if frame_ordered:
+            i0, i1 = _column_range(_labelled(data, (0, 1), unsigned), byte_aligned)
             data = data[:, :, i0:i1]
             per_segment = _from_frames(data, values, byte_aligned, buffers)
         else:
+            data = buffers.columns(chunk)  # [i, j, plane], C-contiguous; reduced in 2-D: 0.6 -> 0.2 ms
+            i0, i1 = _column_range(_labelled(data.reshape(len(data), -1), 1, unsigned), byte_aligned)
             data = data[i0:i1]  # still contiguous: i is the copy's slowest axis
             per_segment = _from_columns(data, values, byte_aligned, buffers)
         labelled += int(np.count_nonzero(data))
@@ -215,6 +210,13 @@ def _columns_with_bits(a: np.ndarray) -> np.ndarray:
     if head < rows:
         acc |= np.bitwise_or.reduce(a[head:], axis=0)
     return acc != 0
+
+
+def _column_range(used: np.ndarray, byte_aligned: bool) -> tuple[int, int]:
+    """The columns ``i0 .. i1`` that hold the ``used`` ones, widened to whole bytes when frame rows start on one."""
+    hit = np.flatnonzero(used)
+    i0, i1 = (int(hit[0]), int(hit[-1]) + 1) if len(hit) else (0, 0)
+    return (i0 // 8 * 8, -(-i1 // 8) * 8) if byte_aligned else (i0, i1)
 
 
 def _labelled(a: np.ndarray, axis: int | tuple[int, int], unsigned: bool) -> np.ndarray:
