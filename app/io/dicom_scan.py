@@ -53,6 +53,7 @@ from app.io.dicom_info import (
     orientation_label,
 )
 from app.io.dicom_select import check_rules, describe_series, list_series, select_series
+from app.io.gc_pause import gc_paused
 from app.io.mosaic import mosaic_n_images
 
 logger = logging.getLogger(__name__)
@@ -180,26 +181,27 @@ def scan_files(files: Sequence[str | os.PathLike], root: str | os.PathLike | Non
     headers: list[_Member] = []
     locations: dict[str, PixelLocation] = {}
     damaged: dict[str, list[str]] = defaultdict(list)
-    for f in paths:
-        ds, loc, why = read_header(f)
-        if ds is not None and why:  # read, but damaged: reading its series is refused
-            if uid := _text(ds, "SeriesInstanceUID"):
-                damaged[uid].append(str(f))
-            ds = None
-        if ds is None:
-            skipped.append((str(f), why))
-            (logger.warning if why.startswith("unreadable") else logger.debug)("skipping %s: %s", f, why)
-            continue
-        headers.append((str(f), ds))
-        if loc is not None:
-            locations[str(f)] = loc
-    try:
-        series = _group(headers, locations)
-    except Exception as exc:
-        logger.debug("grouping failed", exc_info=True)
-        raise DicomError(
-            f"cannot group the DICOM files into series ({type(exc).__name__}: {exc})", path=str(root)
-        ) from exc
+    with gc_paused():  # tens of thousands of new, lasting objects (app.io.gc_pause says why)
+        for f in paths:
+            ds, loc, why = read_header(f)
+            if ds is not None and why:  # read, but damaged: reading its series is refused
+                if uid := _text(ds, "SeriesInstanceUID"):
+                    damaged[uid].append(str(f))
+                ds = None
+            if ds is None:
+                skipped.append((str(f), why))
+                (logger.warning if why.startswith("unreadable") else logger.debug)("skipping %s: %s", f, why)
+                continue
+            headers.append((str(f), ds))
+            if loc is not None:
+                locations[str(f)] = loc
+        try:
+            series = _group(headers, locations)
+        except Exception as exc:
+            logger.debug("grouping failed", exc_info=True)
+            raise DicomError(
+                f"cannot group the DICOM files into series ({type(exc).__name__}: {exc})", path=str(root)
+            ) from exc
     return ScanResult(root=str(root), series=series, skipped=skipped, n_files=len(files), damaged=dict(damaged))
 
 
