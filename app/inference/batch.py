@@ -44,7 +44,7 @@ from app.bundle.store import find_bundle
 from app.errors import ConfigError, DicomError, InputError, SegappError
 from app.inference.jobs import NIFTI_FORMATS, find_nifti_inputs, parse_formats, series_key, summary_name
 from app.inference.pipeline import Segmenter
-from app.io.atomic import atomic_write_text
+from app.io.atomic import atomic_write_text, remove_stale_temps
 from app.io.dicom_scan import scan_files
 from app.runtime.preflight import check_device, check_output_dir
 
@@ -212,6 +212,8 @@ def _process(item: WorkItem, fp: str) -> dict:
     spec = _WORKER["spec"]
     out = Path(spec["output"]) / item.key
     out.mkdir(parents=True, exist_ok=True)
+    for name in (STARTED, DONE):  # this worker alone has this item: a killed attempt's temp files go
+        remove_stale_temps(out / name)
     atomic_write_text(out / STARTED, str(os.getpid()))
     t0 = time.perf_counter()
     row: dict[str, Any] = {"key": item.key, "kind": item.kind, "input": item.input, "status": "ok", "outputs": []}

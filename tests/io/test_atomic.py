@@ -42,3 +42,23 @@ def test_start_writeback_returns_the_position_and_changes_no_byte(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_start_writeback_finds_sync_file_range_on_linux():
     assert atomic._SYNC_FILE_RANGE is not None
+
+
+def test_remove_stale_temps_removes_only_the_temp_files_of_that_output(tmp_path):
+    """What a process killed inside ``atomic_path`` leaves (mkstemp ran, the rename did not) goes;
+    the output itself, other outputs' temp files and look-alike names stay."""
+    out = tmp_path / "done.json"
+    out.write_text("{}")
+    ctx = atomic_path(out)
+    left = ctx.__enter__()  # a writer killed here: never exits the block
+    other = tmp_path / ".summary.abc.tmp.json"  # another output's temp file
+    lookalike = tmp_path / ".done..tmp.json"  # no random part: not mkstemp's
+    other.write_text("x")
+    lookalike.write_text("x")
+    assert atomic.remove_stale_temps(out) == [left]
+    assert not left.exists() and out.read_text() == "{}" and other.exists() and lookalike.exists()
+    assert atomic.remove_stale_temps(tmp_path / "missing" / "done.json") == []
+    dot = tmp_path / ".started"  # a dot-file output: atomic_path names its temp "..started.XXXX.tmp"
+    ctx2 = atomic_path(dot)
+    left2 = ctx2.__enter__()
+    assert atomic.remove_stale_temps(dot) == [left2] and not left2.exists()
