@@ -231,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-shared", action="store_true")
     ap.add_argument("--j2k-only", action="store_true", help="only the JPEG 2000 1 vs 2 processes figure")
     a = ap.parse_args(argv)
+    if a.runs < 1 or a.slices < 2 or (a.workers is not None and a.workers < 1):
+        ap.error("--runs and --workers need at least 1, --slices at least 2")
+    if a.synthetic_dir is not None:
+        try:
+            a.synthetic_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            ap.error(f"--synthetic-dir {a.synthetic_dir}: cannot create it ({exc.strerror})")
     logging.disable(logging.WARNING)
     print(
         f"machine: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}; dcm2niix: "

@@ -27,6 +27,25 @@ def test_bench_script_help(script):
     assert "usage" in proc.stdout.lower()
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--runs", "0"], "need at least 1"),
+        (["--workers", "-3"], "need at least 1"),
+        (["--synthetic-dir", "/proc/no/such/dir"], "cannot create it"),
+    ],
+)
+def test_read_speed_refuses_a_bad_value_in_one_line(args, says):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "read_speed.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_device_all_runs_on_cpu_and_writes_every_figure(tmp_path):
     proc = subprocess.run(
