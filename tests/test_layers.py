@@ -142,3 +142,22 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_readme_layout_names_only_modules_that_exist():
+    """Every ``name.py`` the README's Layout block lists under ``app/<stage>/`` is a file there."""
+    import re
+
+    block = (APP.parent / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("```")[1]
+    named: dict[str, set[str]] = {}
+    stage = None
+    for line in block.splitlines():
+        if m := re.match(r"^  (\w+)/", line):
+            stage = m.group(1)
+        elif re.match(r"^\S", line):
+            stage = None
+        if stage:
+            named.setdefault(stage, set()).update(re.findall(r"\b([a-z_0-9]+\.py)\b", line))
+    assert "gc_pause.py" in named["io"] and len(named) >= 10
+    absent = {f"app/{s}/{n}" for s, names in named.items() for n in names if not (APP / s / n).is_file()}
+    assert not absent, sorted(absent)
