@@ -212,8 +212,7 @@ def _process(item: WorkItem, fp: str) -> dict:
     spec = _WORKER["spec"]
     out = Path(spec["output"]) / item.key
     out.mkdir(parents=True, exist_ok=True)
-    for name in (STARTED, DONE):  # this worker alone has this item: a killed attempt's temp files go
-        remove_stale_temps(out / name)
+    remove_stale_temps(out)  # this worker alone has this item's folder: a killed attempt's temp files go
     atomic_write_text(out / STARTED, str(os.getpid()))
     t0 = time.perf_counter()
     row: dict[str, Any] = {"key": item.key, "kind": item.kind, "input": item.input, "status": "ok", "outputs": []}

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import io
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -57,24 +58,18 @@ def _umask() -> int:
     return mask
 
 
-def _temp_affixes(final_path: Path, suffix: str | None = None) -> tuple[str, str]:
-    """The prefix and suffix of :func:`atomic_path`'s temp files for ``final_path``."""
-    return f".{final_path.stem}.", ".tmp" + ("".join(final_path.suffixes) if suffix is None else suffix)
+# atomic_path's temp files: "." + the final name's stem + "." + mkstemp's 8 random characters + ".tmp" + suffixes
+_TEMP_NAME = re.compile(r"\..*\.[a-z0-9_]{8}\.tmp(\..*)?")
 
 
-def remove_stale_temps(final_path: str | os.PathLike) -> list[Path]:
-    """Remove the temp files that :func:`atomic_path` writes for ``final_path`` and that a killed process
-    left (a SIGKILL runs no cleanup); return them. Only for a caller that alone writes ``final_path``:
-    another writer's temp file in flight would go too."""
-    final_path = Path(final_path)
-    prefix, tmp_suffix = _temp_affixes(final_path)
-    if not final_path.parent.is_dir():
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files :func:`atomic_path` left in ``folder`` when its process was killed (a SIGKILL
+    runs no cleanup); return them. Only for a caller that alone writes into ``folder``: another writer's
+    temp file in flight would go too."""
+    root = Path(folder)
+    if not root.is_dir():
         return []
-    stale = [
-        p
-        for p in final_path.parent.iterdir()
-        if p.name.startswith(prefix) and p.name.endswith(tmp_suffix) and len(p.name) > len(prefix) + len(tmp_suffix)
-    ]
+    stale = sorted(p for p in root.iterdir() if _TEMP_NAME.fullmatch(p.name) and p.is_file())
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -91,8 +86,8 @@ def atomic_path(final_path: str | os.PathLike, suffix: str | None = None) -> Ite
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, tmp_suffix = _temp_affixes(final_path, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=tmp_suffix, dir=final_path.parent)
+    suffix = "".join(final_path.suffixes) if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.stem}.", suffix=f".tmp{suffix}", dir=final_path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should get the usual mode

@@ -130,6 +130,7 @@ def test_two_workers_one_killed_then_rerun_does_every_series_exactly_once(tmp_pa
     for r in died:  # what a kill inside atomic_write_text leaves (the kill above may or may not have hit one)
         (out / r["key"]).mkdir(parents=True, exist_ok=True)
         (out / r["key"] / ".done.k1ll3d00.tmp.json").write_text("{")
+        (out / r["key"] / f".{r['key']}_summary.k1ll3d01.tmp.json").write_text("{")
 
     rc, stdout, stderr = _finish(_batch(run, src, out))
     assert rc == 0, stderr[-3000:]

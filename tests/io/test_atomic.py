@@ -44,21 +44,16 @@ def test_start_writeback_finds_sync_file_range_on_linux():
     assert atomic._SYNC_FILE_RANGE is not None
 
 
-def test_remove_stale_temps_removes_only_the_temp_files_of_that_output(tmp_path):
-    """What a process killed inside ``atomic_path`` leaves (mkstemp ran, the rename did not) goes;
-    the output itself, other outputs' temp files and look-alike names stay."""
+def test_remove_stale_temps_removes_only_atomic_path_temp_files(tmp_path):
+    """What processes killed inside ``atomic_path`` leave (mkstemp ran, the rename did not) goes, for any
+    output; the outputs themselves, other dot-files and look-alike names stay."""
     out = tmp_path / "done.json"
     out.write_text("{}")
-    ctx = atomic_path(out)
-    left = ctx.__enter__()  # a writer killed here: never exits the block
-    other = tmp_path / ".summary.abc.tmp.json"  # another output's temp file
-    lookalike = tmp_path / ".done..tmp.json"  # no random part: not mkstemp's
-    other.write_text("x")
-    lookalike.write_text("x")
-    assert atomic.remove_stale_temps(out) == [left]
-    assert not left.exists() and out.read_text() == "{}" and other.exists() and lookalike.exists()
-    assert atomic.remove_stale_temps(tmp_path / "missing" / "done.json") == []
-    dot = tmp_path / ".started"  # a dot-file output: atomic_path names its temp "..started.XXXX.tmp"
-    ctx2 = atomic_path(dot)
-    left2 = ctx2.__enter__()
-    assert atomic.remove_stale_temps(dot) == [left2] and not left2.exists()
+    writers = [atomic_path(tmp_path / n) for n in ("done.json", "case_seg.nii.gz", ".started")]
+    left = [w.__enter__() for w in writers]  # writers killed here: they never leave the block (kept referenced)
+    kept = [tmp_path / n for n in (".started", ".done..tmp.json", ".staging-x", "notes.tmp")]  # no 8 random chars
+    for k in kept:
+        k.write_text("x")
+    assert atomic.remove_stale_temps(tmp_path) == sorted(left)
+    assert not any(p.exists() for p in left) and out.read_text() == "{}" and all(k.exists() for k in kept)
+    assert atomic.remove_stale_temps(tmp_path / "missing") == []
