@@ -13,9 +13,10 @@ from typing import BinaryIO
 
 import numpy as np
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as PydicomSequence
-from pydicom.tag import BaseTag
+from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 # Direction cosines closer than this (absolute, per component; ~0.06 degrees) are the same plane.
 # Scanners write IOP with different rounding on different slices (e.g. -0.059771 vs -0.0597709).
@@ -205,15 +206,32 @@ HEADER_KEYWORDS = (
 )
 
 
-_HEADER_TAGS = {BaseTag(tag_for_keyword(name) or 0): name for name in HEADER_KEYWORDS}
+_HEADER_TAGS = {int(tag_for_keyword(name) or 0): name for name in HEADER_KEYWORDS}
+# VRs whose conversion pydicom follows with more work (US or SS by PixelRepresentation, nested datasets):
+# those elements go through ``Dataset.__getitem__``.
+_GETITEM_VRS = {*AMBIGUOUS_VR, VR.SQ}
+
+
+def convert_element(ds: Dataset, tag: int) -> DataElement:
+    """``ds[tag]`` (convert a raw element read from the file, once), for the plain VRs without the
+    bookkeeping ``Dataset.__getitem__`` does around pydicom's own conversion (a third of a header
+    scan's time went there). Raises what the conversion raises on a damaged value."""
+    raw = ds.get_item(tag)  # as read: a RawDataElement until converted
+    if isinstance(raw, RawDataElement) and raw.value is not None:  # None: a deferred read
+        elem = convert_raw_data_element(raw, encoding=ds.original_character_set, ds=ds)
+        if elem.VR not in _GETITEM_VRS:  # the VR as resolved (implicit VR files carry none)
+            ds[tag] = elem
+            return elem
+    return ds[tag]
 
 
 def damaged_element(ds: Dataset) -> str:
     """'' when every element the reader uses converts; else which one is damaged and how."""
-    for tag in sorted(_HEADER_TAGS.keys() & ds.keys()):  # tags, not keywords: keyword lookups are slow
+    # plain ints: BaseTag compares in Python, and sets and sorting of BaseTags call that 500 times a file
+    for tag in sorted(t for t in map(int, ds.keys()) if t in _HEADER_TAGS):
         name = _HEADER_TAGS[tag]
         try:
-            elem = ds[tag]
+            elem = convert_element(ds, tag)
             value = elem.value
             if name.endswith("Sequence"):
                 if elem.VR != "SQ":

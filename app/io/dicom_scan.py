@@ -41,6 +41,7 @@ from app.io.dicom_info import (
     PixelLocation,
     ScanResult,
     SeriesInfo,
+    convert_element,
     damaged_element,
     functional_group_item,
     header_int,
@@ -132,8 +133,9 @@ def read_header(path: Path) -> tuple[Dataset | None, PixelLocation | None, str]:
                 except ValueError as exc:
                     return ds, None, f"unreadable DICOM header ({exc})"
             meta = getattr(ds, "file_meta", None)
-            for _elem in meta or ():  # iterating converts (and so checks) every file meta element
-                pass
+            if meta is not None:
+                for tag in list(meta.keys()):
+                    convert_element(meta, tag)  # converts (and so checks) every file meta element
             directory = meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY_SOP_CLASS
     except InvalidDicomError:
         return None, None, "not a DICOM file (no DICM prefix)"
