@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as PydicomSequence
@@ -218,8 +218,9 @@ def convert_element(ds: Dataset, tag: int) -> DataElement:
     header scan). Raises what the conversion raises on a damaged value."""
     raw = ds.get_item(tag)  # as read: a RawDataElement until converted
     if isinstance(raw, RawDataElement) and raw.value is not None:  # None: a deferred read
-        elem = convert_raw_data_element(raw, encoding=ds.original_character_set, ds=ds)
-        if elem.VR not in _GETITEM_VRS:  # the VR as resolved (implicit VR files carry none)
+        vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else None)  # implicit VR files carry none
+        if vr is not None and vr not in _GETITEM_VRS:
+            elem = convert_raw_data_element(raw, encoding=ds.original_character_set, ds=ds)
             ds[tag] = elem
             return elem
     return ds[tag]
