@@ -1,6 +1,7 @@
 """DICOM read speed: segapp's ``read_series`` against ``dcm2niix -z n``, side by side in one run.
 
     python bench/read_speed.py [--runs 5] [--slices 300] [--workers N] [--synthetic-dir DIR] [--no-shared]
+                               [--idle S]
 
 Series: a synthetic uncompressed 512 x 512 x ``--slices`` CT series (written once to
 ``--synthetic-dir``, default a temporary folder), and every image series under the shared data
@@ -19,6 +20,15 @@ and not of the other), the median CPU time (user + system) of each, and two chec
   ``n/a`` for mosaics, which a plain reader cannot unpack;
 * ``=dcm2niix``: voxels equal dcm2niix's NIfTI (re-indexed onto segapp's grid) and the affines agree
   within 0.01 mm; ``n/a`` where dcm2niix wrote several files or another shape.
+
+Memory: segapp's volume of one run is freed before the next, so that each run of either tool starts with
+no memory of its own, as dcm2niix's process does. On a VM whose guest reports freed memory to the host
+(Linux free page reporting with virtio-balloon, ``page_reporting`` on the kernel command line), memory
+freed more than about 2 s earlier costs a host fault per page at its next touch; the first line prints
+what filling 315 MB (the float32 volume of 512 x 512 x 300) costs with memory freed just before and 3 s
+before. ``--idle S`` waits S seconds before each timed run of either tool, so that each meets memory the
+host may have reclaimed, as a freshly started process does; segapp fills twice the memory dcm2niix
+does (float32 against its int16), so it loses more there.
 
 Then the JPEG 2000 series (tests/data/totalseg_example/ct_dicom, 20 slices 512 x 512) decoded with
 1 and 2 worker processes, the scan reused (``read_series(..., scan=...)``): the ratio of the medians of
@@ -168,7 +178,7 @@ def _dcm2niix_once(exe: str, folder: Path, out: Path) -> tuple[float, float, lis
     return wall, cpu, files if proc.returncode == 0 else []
 
 
-def time_both(folder: Path, runs: int, workers: int | None, out: Path):
+def time_both(folder: Path, runs: int, workers: int | None, out: Path, idle: float = 0.0):
     """Interleaved runs (segapp, dcm2niix, segapp, ...) so that both see the same load; after one
     warm-up run of each. Returns medians (wall s, CPU s) of both, segapp's volume, dcm2niix's files."""
     exe = shutil.which("dcm2niix")
@@ -176,11 +186,16 @@ def time_both(folder: Path, runs: int, workers: int | None, out: Path):
     niis = _dcm2niix_once(exe, folder, out)[2] if exe else []
     seg, seg_cpu, d2n, d2n_cpu, vol = [], [], [], [], None
     for _ in range(runs):
+        # Free the last run's volume first: held, it would keep its memory from this read (which must then
+        # take pages the host may have reclaimed) and hand it to dcm2niix's run, freshly freed and cheap.
+        vol = None
+        time.sleep(idle)
         c0, k0, t0 = time.process_time(), _cpu_children(), time.perf_counter()
         vol = read_series(folder, decode_workers=workers)
         seg.append(time.perf_counter() - t0)
         seg_cpu.append(time.process_time() - c0 + _cpu_children() - k0)  # decoding processes included
         if exe and niis:
+            time.sleep(idle)
             wall, cpu, niis = _dcm2niix_once(exe, folder, out)
             d2n.append(wall)
             d2n_cpu.append(cpu)
@@ -229,19 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="read_series decode_workers (default: its default)")
     ap.add_argument("--synthetic-dir", type=Path, default=None)
     ap.add_argument("--no-shared", action="store_true")
+    ap.add_argument(
+        "--idle", type=float, default=0.0, help="seconds to wait before each timed run of either tool (see above)"
+    )
     ap.add_argument("--j2k-only", action="store_true", help="only the JPEG 2000 1 vs 2 processes figure")
     a = ap.parse_args(argv)
-    if a.runs < 1 or a.slices < 2 or (a.workers is not None and a.workers < 1):
-        ap.error("--runs and --workers need at least 1, --slices at least 2")
+    if a.runs < 1 or a.slices < 2 or (a.workers is not None and a.workers < 1) or not 0 <= a.idle <= 60:
+        ap.error("--runs and --workers need at least 1, --slices at least 2, --idle 0 to 60 s")
     if a.synthetic_dir is not None:
         try:
             a.synthetic_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             ap.error(f"--synthetic-dir {a.synthetic_dir}: cannot create it ({exc.strerror})")
     logging.disable(logging.WARNING)
+    warm, reclaimed = refill_cost()
     print(
         f"machine: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}; dcm2niix: "
-        f"{shutil.which('dcm2niix') or 'not installed (pip install dcm2niix)'}"
+        f"{shutil.which('dcm2niix') or 'not installed (pip install dcm2niix)'}; filling 315 MB of memory "
+        f"freed just before: {warm:.3f} s, freed 3 s before: {reclaimed:.3f} s; idle before each run: {a.idle:g} s"
     )
     if not a.j2k_only:
         series_table(a)
@@ -265,7 +285,7 @@ def series_table(a: argparse.Namespace) -> None:
         )
         for n, (name, folder) in enumerate(cases):
             (t_seg, b_seg, c_seg), (t_d2n, b_d2n, c_d2n), vol, niis = time_both(
-                folder, a.runs, a.workers, work / f"nii{n}"
+                folder, a.runs, a.workers, work / f"nii{n}", a.idle
             )
             ratio = f"{t_seg / t_d2n:5.2f} {b_seg / b_d2n:5.2f}" if t_d2n and b_d2n else "  n/a   n/a"
             d2n = f"{t_d2n:10.3f}" if t_d2n else "       n/a"
@@ -277,6 +297,21 @@ def series_table(a: argparse.Namespace) -> None:
                 f"{cpu:>18s} {compare_plain(vol, folder):>8s}  {same_d2n}",
                 flush=True,
             )
+
+
+def refill_cost(idle: float = 3.0, mb: int = 315) -> tuple[float, float]:
+    """Seconds to fill ``mb`` MB of fresh float32 memory right after freeing as much, and after ``idle``
+    seconds more (the second is larger where the guest reports freed memory to the host)."""
+
+    def fill() -> float:
+        t0 = time.perf_counter()
+        np.empty(mb * 2**18, np.float32).fill(1.0)  # freed on return
+        return time.perf_counter() - t0
+
+    fill()
+    warm = fill()
+    time.sleep(idle)
+    return warm, fill()
 
 
 def _burn(n: int) -> float:

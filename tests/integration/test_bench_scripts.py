@@ -33,6 +33,7 @@ def test_bench_script_help(script):
         (["--runs", "0"], "need at least 1"),
         (["--workers", "-3"], "need at least 1"),
         (["--synthetic-dir", "/proc/no/such/dir"], "cannot create it"),
+        (["--idle", "-1"], "--idle 0 to 60 s"),
     ],
 )
 def test_read_speed_refuses_a_bad_value_in_one_line(args, says):
