@@ -27,7 +27,7 @@ from pathlib import Path
 from app.bundle.config import CONFIG_SUFFIXES, load_config_file
 from app.bundle.store import BundleRef
 from app.errors import ConfigError
-from app.io.atomic import atomic_write_text
+from app.io.atomic import atomic_write_text, locked
 
 # _target_ values that instantiate MONAI / torch components only (short names are MONAI's)
 SAFE_TARGET_PREFIXES = ("monai.", "torch.nn.", "torch.optim.")
@@ -80,10 +80,11 @@ def trust_bundle(root: str | Path, reason: str = "segapp bundle trust") -> str:
     """Record the bundle's current digest as trusted; returns it."""
     root = Path(root).resolve()
     digest = bundle_digest(root)
-    records = _records()
-    records[digest] = {"path": str(root), "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
-        atomic_write_text(trust_file(), json.dumps(records, indent=2))
+        with locked(trust_file()):  # training folds record their run folders from parallel processes
+            records = _records()
+            records[digest] = {"path": str(root), "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_text(trust_file(), json.dumps(records, indent=2))
     except OSError as exc:
         raise ConfigError(f"cannot write the trust records: {exc.strerror or exc}", str(trust_file())) from exc
     return digest

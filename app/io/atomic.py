@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import io
 import os
 import re
@@ -111,3 +112,18 @@ def atomic_write(final_path: str | os.PathLike, writer: Callable[[Path], object]
 
 def atomic_write_text(final_path: str | os.PathLike, text: str) -> Path:
     return atomic_write(final_path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on a file ``.NAME.lock`` beside ``path``, held for the ``with`` block: for a
+    read-modify-write of ``path`` that several processes may do at once (without it, one's update is
+    lost). The folder is created if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

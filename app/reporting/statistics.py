@@ -19,13 +19,11 @@ series (replacing the series' earlier row, so a re-run never duplicates it).
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from app.errors import InputError
-from app.io.atomic import atomic_write_text
+from app.io.atomic import atomic_write_text, locked
 from app.io.geometry import voxel_spacing, voxel_to_world
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -237,24 +235,12 @@ def csv_row(stats: SeriesStatistics | Mapping[str, Any]) -> dict[str, str]:
     return row
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path`` (several workers update one table)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def update_statistics_csv(path: str | Path, row: Mapping[str, str]) -> Path:
     """Put ``row`` into the CSV at ``path``: replace the row with the same ``key`` or append; columns are
     the union in order of appearance (a row without a column leaves it empty). Written atomically
     under a file lock."""
     path = Path(path)
-    with _locked(path):
+    with locked(path):
         rows: list[dict[str, str]] = []
         columns: list[str] = []
         if path.is_file():
