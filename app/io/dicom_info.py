@@ -218,7 +218,9 @@ def convert_element(ds: Dataset, tag: int) -> DataElement:
     header scan). Raises what the conversion raises on a damaged value."""
     raw = ds.get_item(tag)  # as read: a RawDataElement until converted
     if isinstance(raw, RawDataElement) and raw.value is not None:  # None: a deferred read
-        vr = raw.VR or (dictionary_VR(tag) if dictionary_has_tag(tag) else None)  # implicit VR files carry none
+        vr = raw.VR
+        if vr in (None, VR.UN):  # implicit VR files carry none; UN resolves to the dictionary's VR (SQ too)
+            vr = dictionary_VR(tag) if dictionary_has_tag(tag) else None
         if vr is not None and vr not in _GETITEM_VRS:
             elem = convert_raw_data_element(raw, encoding=ds.original_character_set, ds=ds)
             ds[tag] = elem

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -11,7 +13,12 @@ import pytest
 from conftest import TEST_DATA
 from dicom_phantoms import write_phantom_series
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from app.io.dicom_info import convert_element, damaged_element
 
@@ -84,3 +91,42 @@ def test_convert_element_gives_what_getitem_gives_on_damaged_values(tmp_path, ke
     assert fast == plain
     verdict = damaged_element(damaged()[0])
     assert verdict.startswith(f"damaged {keyword}") == (fast[0] == "error"), verdict
+
+
+def _un_encoded_modality_lut(pixel_representation: int) -> bytes:
+    """An explicit VR file whose ModalityLUTSequence is written as UN (its items implicit VR, PS3.5
+    6.2.2), as a system that did not know the tag leaves it; the item holds US-or-SS LUTDescriptor."""
+    item = Dataset()
+    item.add(DataElement(0x00283002, "US", [2, 0, 16]))  # LUTDescriptor
+    item.ModalityLUTType = "HU"
+    item.add(DataElement(0x00283006, "US", [0, 100]))  # LUTData
+    inner = DicomBytesIO()
+    inner.is_little_endian, inner.is_implicit_VR = True, True
+    holder = Dataset()
+    holder.ModalityLUTSequence = Sequence([item])
+    write_dataset(inner, holder)
+    value = inner.getvalue()[8:]  # the sequence's value: after its tag and length
+    ds = Dataset()
+    ds.Modality, ds.PixelRepresentation = "CT", pixel_representation
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    out.write(struct.pack("<HH2sHI", 0x0028, 0x3000, b"UN", 0, len(value)) + value)  # the last element
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("pixel_representation", [0, 1])
+def test_convert_element_equals_getitem_on_a_sequence_written_as_un(pixel_representation):
+    data = _un_encoded_modality_lut(pixel_representation)
+    fast, plain = (pydicom.dcmread(io.BytesIO(data)) for _ in range(2))
+    tag = 0x00283000
+    assert fast.get_item(tag).VR == "UN"
+    a, b = convert_element(fast, tag), plain[tag]
+    assert a.VR == b.VR == "SQ"
+    for keyword in ("LUTDescriptor", "ModalityLUTType", "LUTData"):
+        ea, eb = a.value[0][keyword], b.value[0][keyword]
+        assert (ea.VR, ea.value) == (eb.VR, eb.value), keyword
+    assert damaged_element(fast) == ""
