@@ -18,24 +18,19 @@ def _bundle(root: Path, n: int) -> Path:
     return folder
 
 
-def _trust_all(home: str, folders: list[str], start) -> None:
-    import os
-
-    os.environ["SEGAPP_HOME"] = home
-    start.wait()
+def _trust_all(folders: list[str], start) -> None:
+    start.wait()  # forked: SEGAPP_HOME as the test set it
     for folder in folders:
         trust_bundle(folder, reason="test")
 
 
 def test_parallel_writers_lose_no_record(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("SEGAPP_HOME", str(home))
+    monkeypatch.setenv("SEGAPP_HOME", str(tmp_path / "home"))
     folders = [_bundle(tmp_path, n) for n in range(WRITERS * FOLDERS_EACH)]
     ctx = mp.get_context("fork")
     start = ctx.Barrier(WRITERS)
     procs = [
-        ctx.Process(target=_trust_all, args=(str(home), [str(f) for f in folders[w::WRITERS]], start))
-        for w in range(WRITERS)
+        ctx.Process(target=_trust_all, args=([str(f) for f in folders[w::WRITERS]], start)) for w in range(WRITERS)
     ]
     for p in procs:
         p.start()
