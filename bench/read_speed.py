@@ -24,11 +24,11 @@ and not of the other), the median CPU time (user + system) of each, and two chec
 Memory: segapp's volume of one run is freed before the next, so that each run of either tool starts with
 no memory of its own, as dcm2niix's process does. On a VM whose guest reports freed memory to the host
 (Linux free page reporting with virtio-balloon, ``page_reporting`` on the kernel command line), memory
-freed more than about 2 s earlier costs a host fault per page at its next touch; the first line prints
-what filling 315 MB (the float32 volume of 512 x 512 x 300) costs with memory freed just before and 3 s
-before. ``--idle S`` waits S seconds before each timed run of either tool, so that each meets memory the
-host may have reclaimed, as a freshly started process does; segapp fills twice the memory dcm2niix
-does (float32 against its int16), so it loses more there.
+freed more than about 2 s earlier can cost a host fault per page at its next touch; the table's first
+line prints what filling the synthetic series' float32 volume (314.6 MB at 300 slices) costs with memory
+freed just before and 3 s before. ``--idle S`` waits S seconds before each timed run of either tool,
+so that each meets memory the host may have reclaimed, as a freshly started process does; segapp
+fills twice the memory dcm2niix does (float32 against its int16), so it loses more there.
 
 Then the JPEG 2000 series (tests/data/totalseg_example/ct_dicom, 20 slices 512 x 512) decoded with
 1 and 2 worker processes, the scan reused (``read_series(..., scan=...)``): the ratio of the medians of
@@ -257,11 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             ap.error(f"--synthetic-dir {a.synthetic_dir}: cannot create it ({exc.strerror})")
     logging.disable(logging.WARNING)
-    warm, reclaimed = refill_cost()
     print(
         f"machine: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f}; dcm2niix: "
-        f"{shutil.which('dcm2niix') or 'not installed (pip install dcm2niix)'}; filling 315 MB of memory "
-        f"freed just before: {warm:.3f} s, freed 3 s before: {reclaimed:.3f} s; idle before each run: {a.idle:g} s"
+        f"{shutil.which('dcm2niix') or 'not installed (pip install dcm2niix)'}"
     )
     if not a.j2k_only:
         series_table(a)
@@ -270,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def series_table(a: argparse.Namespace) -> None:
+    voxels = 512 * 512 * a.slices
+    warm, reclaimed = refill_cost(voxels)
+    print(
+        f"filling the synthetic float32 volume's {voxels * 4 / 1e6:.1f} MB of memory freed just before: "
+        f"{warm:.3f} s, freed 3 s before: {reclaimed:.3f} s; idle before each timed run: {a.idle:g} s"
+    )
     with tempfile.TemporaryDirectory(prefix="segapp_read_speed_") as tmp:
         work = Path(tmp)
         synthetic = write_synthetic(a.synthetic_dir or work / "synthetic", a.slices)
@@ -299,13 +303,13 @@ def series_table(a: argparse.Namespace) -> None:
             )
 
 
-def refill_cost(idle: float = 3.0, mb: int = 315) -> tuple[float, float]:
-    """Seconds to fill ``mb`` MB of fresh float32 memory right after freeing as much, and after ``idle``
+def refill_cost(voxels: int, idle: float = 3.0) -> tuple[float, float]:
+    """Seconds to fill a fresh float32 array of ``voxels`` right after freeing as much, and after ``idle``
     seconds more (the second is larger where the guest reports freed memory to the host)."""
 
     def fill() -> float:
         t0 = time.perf_counter()
-        np.empty(mb * 2**18, np.float32).fill(1.0)  # freed on return
+        np.empty(voxels, np.float32).fill(1.0)  # freed on return
         return time.perf_counter() - t0
 
     fill()
