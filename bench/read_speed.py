@@ -60,6 +60,9 @@ sys.path.insert(0, str(REPO))
 from app.io.dicom_scan import scan  # noqa: E402  (after the sys.path line)
 from app.io.dicom_series import read_series  # noqa: E402
 
+SYNTHETIC_SIZE = 512  # rows = columns of the synthetic series
+REFILL_IDLE_S = 3.0  # the refill line's second wait: past the ~2 s after which the host may reclaim
+
 
 def shared_root() -> Path | None:
     env = os.environ.get("SEGAPP_SHARED_DATA")
@@ -69,7 +72,7 @@ def shared_root() -> Path | None:
     return None
 
 
-def write_synthetic(folder: Path, n: int, size: int = 512) -> Path:
+def write_synthetic(folder: Path, n: int, size: int = SYNTHETIC_SIZE) -> Path:
     """An uncompressed int16 CT series, ``size`` x ``size`` x ``n``, oblique-free, 0.7 x 0.7 x 1.25 mm."""
     if folder.is_dir() and len(list(folder.glob("*.dcm"))) == n:
         return folder
@@ -268,16 +271,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def series_table(a: argparse.Namespace) -> None:
-    voxels = 512 * 512 * a.slices
-    warm, reclaimed = refill_cost(voxels)
+    voxels = SYNTHETIC_SIZE**2 * a.slices
+    warm, reclaimed = refill_cost(voxels, REFILL_IDLE_S)
     print(
         f"filling the synthetic float32 volume's {voxels * 4 / 1e6:.1f} MB of memory freed just before: "
-        f"{warm:.3f} s, freed 3 s before: {reclaimed:.3f} s; idle before each timed run: {a.idle:g} s"
+        f"{warm:.3f} s, freed {REFILL_IDLE_S:g} s before: {reclaimed:.3f} s; idle before each timed run: {a.idle:g} s"
     )
     with tempfile.TemporaryDirectory(prefix="segapp_read_speed_") as tmp:
         work = Path(tmp)
         synthetic = write_synthetic(a.synthetic_dir or work / "synthetic", a.slices)
-        cases = [(f"synthetic CT 512x512x{a.slices} (uncompressed)", synthetic)]
+        cases = [(f"synthetic CT {SYNTHETIC_SIZE}x{SYNTHETIC_SIZE}x{a.slices} (uncompressed)", synthetic)]
         root = None if a.no_shared else shared_root()
         if root is not None:
             links = work / "links"
@@ -303,7 +306,7 @@ def series_table(a: argparse.Namespace) -> None:
             )
 
 
-def refill_cost(voxels: int, idle: float = 3.0) -> tuple[float, float]:
+def refill_cost(voxels: int, idle: float) -> tuple[float, float]:
     """Seconds to fill a fresh float32 array of ``voxels`` right after freeing as much, and after ``idle``
     seconds more (the second is larger where the guest reports freed memory to the host)."""
 
