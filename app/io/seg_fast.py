@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from app.errors import InputError
 from app.io import dicom_bytes as db
 from app.io.derived_header import acquisition_equipment, sop_header
 from app.io.dicom_source import SourceSeries
-from app.io.seg_pixels import PackedFrames, binary_frames, write_pixel_data
+from app.io.seg_pixels import Frames, PackedFrames, binary_frames, write_pixel_data
 from app.io.segments import SEG_STORAGE, SegmentSpec, segment_descriptions
 
 # Native transfer syntaxes the fast builder writes (compressed ones go through highdicom).
@@ -110,6 +111,31 @@ def _source_image_codes(implicit: bool) -> tuple[bytes, bytes, bytes]:
     )
 
 
+def plane_order(positions_lps: np.ndarray, iop: Sequence[float]) -> np.ndarray | None:
+    """The slices ``k`` in highdicom's frame order: sorted by the distance (mm) of their position
+    ``positions_lps[k]`` (LPS) along the normal of ``iop`` (``highdicom.spatial.get_normal_vector``);
+    None when two slices lie at one distance."""
+    from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector
+
+    normal = get_normal_vector(iop, index_convention=VOLUME_INDEX_CONVENTION)
+    distances, order = np.unique(np.asarray(positions_lps, dtype=np.float64) @ normal, return_index=True)
+    return order if len(distances) == len(positions_lps) else None
+
+
+def expected_plane_order(affine_lps: np.ndarray, nk: int) -> np.ndarray | None:
+    """:func:`plane_order` of the ``nk`` slice positions and the orientation that ``affine_lps``
+    (voxel -> LPS mm) gives: the headers' order whenever they match the affine (as
+    :func:`app.io.dicom_source.check_volume_matches_headers` checks, to a quarter slice), known before
+    they are read."""
+    affine = np.asarray(affine_lps, dtype=np.float64)
+    norms = np.linalg.norm(affine[:3, :2], axis=0)
+    if not np.all(norms > 0):  # no orientation to foretell from (check_volume_matches_headers refuses it)
+        return None
+    axes = affine[:3, :2] / norms
+    positions = affine[:3, 3] + np.arange(nk)[:, None] * affine[:3, 2]
+    return plane_order(positions, [*axes[:, 0], *axes[:, 1]])
+
+
 def _ds_text(values) -> str:
     """DS values as highdicom writes them, joined for one element."""
     return "\\".join(ds_value_text(v) for v in values)
@@ -135,7 +161,7 @@ def build_binary_seg(
     series_description: str,
     transfer_syntax_uid: str,
     omit_empty_frames: bool,
-    occupancy: np.ndarray | None = None,
+    ahead: tuple[np.ndarray, Future[Frames]] | None = None,
 ) -> tuple[Dataset, PackedFrames | bytes]:
     """A BINARY SEG of ``labels_ijk`` on ``src``'s grid, equal to highdicom's ``Segmentation(source_images,
     pixels, "BINARY", descriptions, ...)`` but for the differences listed in the module docstring: the
@@ -145,16 +171,16 @@ def build_binary_seg(
     :func:`app.io.dicom_source.check_volume_matches_headers` returns them); ``values[n - 1]`` is
     segment ``n``'s label value; ``descriptions`` are the SegmentSequence items
     (:func:`app.io.segments.segment_descriptions`) or their encoding (:func:`encoded_segment_sequence`);
-    ``occupancy``: see :func:`binary_frames`.
+    ``ahead``: ``(plane order, binary_frames(labels_ijk, values, that order, omit_empty_frames))`` started
+    before the headers were read (:func:`expected_plane_order`); used when the headers give that order.
     """
     import highdicom as hd
-    from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
+    from highdicom.spatial import get_volume_positions
 
     if transfer_syntax_uid not in FAST_TRANSFER_SYNTAXES:
         raise ValueError(f"the fast SEG builder writes only native transfer syntaxes, not {transfer_syntax_uid}")
     implicit = transfer_syntax_uid == "1.2.840.10008.1.2"
     first = src.first
-    nk = labels_ijk.shape[2]
 
     # --- header: what highdicom's SOPClass and Segmentation.__init__ set, without its module tables
     ds = sop_header(
@@ -239,17 +265,30 @@ def build_binary_seg(
         return _ds_text(src.instances[src.instance_of_slice[k]][_IPP].value)  # by tag: 70 lookups a SEG
 
     iop = [float(v) for v in orientation[0].ImageOrientationPatient]
-    normal = get_normal_vector(iop, index_convention=VOLUME_INDEX_CONVENTION)
     positions = np.asarray(positions_lps, dtype=np.float64)
-    distances, plane_order = np.unique(positions @ normal, return_index=True)
-    if len(distances) != nk:
+    order = plane_order(positions, iop)
+    if order is None:
         raise InputError("two source slices share one position; not a volume a SEG can describe")
     if "SpacingBetweenSlices" not in measures:
         spacing, _ = get_volume_positions(image_positions=positions, image_orientation=iop)  # type: ignore[arg-type]
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
 
-    frames, planes, pixel_data = binary_frames(labels_ijk, values, plane_order, omit_empty_frames, occupancy)
+    # --- the references to every source instance: they need no frame, so they are made while the frames are
+    refs = [  # each source instance's SOP class and instance UIDs, encoded once
+        db.text(_T["RefSOPClass"], "UI", cls, implicit) + db.text(_T["RefSOPInstance"], "UI", uid, implicit)
+        for cls, uid in zip(src.sop_class_uids, src.sop_instance_uids)
+    ]
+    ds[_T["SourceImage"]] = db.raw_element(_T["SourceImage"], "SQ", b"".join(db.item(r) for r in refs), implicit)
+    series_item = db.sequence(_T["RefInstance"], refs, implicit) + db.text(
+        _T["SeriesInstanceUID"], "UI", src.series_instance_uid, implicit
+    )
+    ds[_T["RefSeries"]] = db.raw_element(_T["RefSeries"], "SQ", db.item(series_item), implicit)
+
+    if ahead is not None and np.array_equal(ahead[0], order):
+        frames, planes, pixel_data = ahead[1].result()
+    else:  # the headers order the planes otherwise than the affine foretold (or nothing was started)
+        frames, planes, pixel_data = binary_frames(labels_ijk, values, order, omit_empty_frames)
 
     shared = Dataset()
     shared.PlaneOrientationSequence = orientation
@@ -273,10 +312,6 @@ def build_binary_seg(
     # --- per-frame functional groups and references, encoded from per-slice templates
     purpose_seq, derivation_seq, preserved = _source_image_codes(implicit)
 
-    refs = [  # each source instance's SOP class and instance UIDs, encoded once
-        db.text(_T["RefSOPClass"], "UI", cls, implicit) + db.text(_T["RefSOPInstance"], "UI", uid, implicit)
-        for cls, uid in zip(src.sop_class_uids, src.sop_instance_uids)
-    ]
     slice_blocks: dict[int, bytes] = {}
     for k in {f[1] for f in frames}:
         source_item = refs[src.instance_of_slice[k]]
@@ -315,11 +350,6 @@ def build_binary_seg(
         for n, k, rank in frames
     )
     ds[0x52009230] = db.raw_element(0x52009230, "SQ", per_frame, implicit)  # PerFrameFunctionalGroupsSequence
-    ds[_T["SourceImage"]] = db.raw_element(_T["SourceImage"], "SQ", b"".join(db.item(r) for r in refs), implicit)
-    series_item = db.sequence(_T["RefInstance"], refs, implicit) + db.text(
-        _T["SeriesInstanceUID"], "UI", src.series_instance_uid, implicit
-    )
-    ds[_T["RefSeries"]] = db.raw_element(_T["RefSeries"], "SQ", db.item(series_item), implicit)
 
     ds.NumberOfFrames = len(frames)
     # raw elements are written as they are only when the dataset claims the target encoding

@@ -74,6 +74,10 @@ class PackedFrames:
                 flushed = start_writeback(fh, flushed)  # the disk writes while the next frames are made
 
 
+# binary_frames' result: per frame (segment number, k, plane rank); the planes kept; the PixelData
+Frames = tuple[list[tuple[int, int, int]], np.ndarray, PackedFrames | bytes]
+
+
 def write_pixel_data(fh: BinaryIO, pixels: PackedFrames | bytes, implicit_vr: bool) -> None:
     """Append PixelData (7FE0,0010), OB, padded with NUL to an even length (PS3.5 7.1.1), to a file that
     holds the rest of the dataset (every other element has a lower tag), Little Endian."""
@@ -92,23 +96,12 @@ def write_pixel_data(fh: BinaryIO, pixels: PackedFrames | bytes, implicit_vr: bo
         fh.write(b"\0")
 
 
-def label_occupancy(labels_ijk: np.ndarray) -> np.ndarray:
-    """``[j, k]`` bool: which rows ``j`` of which planes ``k`` of an ``[i, j, k]`` map hold a label.
-
-    :func:`binary_frames`' one pass over the whole map (max over ``i``: cheaper than any), memory-bound
-    numpy that holds no GIL, so a caller may run it on a thread while it reads the headers.
-    """
-    unsigned = labels_ijk.dtype == bool or np.issubdtype(labels_ijk.dtype, np.unsignedinteger)
-    return np.asarray(np.max(labels_ijk, axis=0) > 0 if unsigned else np.any(labels_ijk, axis=0))
-
-
 def binary_frames(
     labels_ijk: np.ndarray,
     values: Sequence[int],
     plane_order: np.ndarray,
     omit_empty_frames: bool,
-    occupancy: np.ndarray | None = None,
-) -> tuple[list[tuple[int, int, int]], np.ndarray, PackedFrames | bytes]:
+) -> Frames:
     """Frames of a BINARY SEG for a label map, in highdicom's order (segment, then ``plane_order``).
 
     Args:
@@ -117,7 +110,6 @@ def binary_frames(
         plane_order: slice indices ``k`` in frame order (highdicom's sort along its slice normal).
         omit_empty_frames: leave out frames without a voxel of their segment (as highdicom, all
             frames are kept when the whole map is empty).
-        occupancy: :func:`label_occupancy` of the map when the caller has it (else computed here).
 
     Returns:
         ``(frames, planes, pixel_data)``: per frame ``(segment number, k, plane rank)`` (the rank,
@@ -131,7 +123,7 @@ def binary_frames(
     """
     ni, nj, _ = labels_ijk.shape
     unsigned = labels_ijk.dtype == bool or np.issubdtype(labels_ijk.dtype, np.unsignedinteger)
-    jk = label_occupancy(labels_ijk) if occupancy is None else occupancy
+    jk = _labelled(labels_ijk, 0, unsigned)  # [j, k]: the one pass over the whole map
     nonempty, rows_used = np.asarray(jk.any(axis=0)), np.flatnonzero(jk.any(axis=1))
     keep_all = not omit_empty_frames or not nonempty.any()
     planes = np.asarray(plane_order if keep_all else [k for k in plane_order if nonempty[k]], dtype=np.intp)

@@ -36,6 +36,14 @@ def _write_both(tmp_path, vol, labels, specs=SPECS, **kwargs):
     return fast, ref
 
 
+def _k_against_normal(vol: SeriesVolume, labels: np.ndarray) -> tuple[SeriesVolume, np.ndarray]:
+    """``vol`` and ``labels`` with ``k`` reversed: ``k`` then runs against row x column (headers and affine agree)."""
+    affine = vol.affine_lps.copy()
+    affine[:3, 3] = vol.affine_lps[:3, 3] + (vol.shape[2] - 1) * vol.affine_lps[:3, 2]
+    affine[:3, 2] *= -1
+    return SeriesVolume(vol.array[:, :, ::-1], affine, vol.datasets[::-1], vol.frame_numbers[::-1]), labels[:, :, ::-1]
+
+
 def _highdicom_volume(path) -> np.ndarray:
     import highdicom as hd
 
@@ -117,12 +125,8 @@ def test_fast_engine_variants_equal_highdicom(tmp_path, case):
     elif case == "gap_between_slices":  # labelled slices not consecutive
         labels = info.mask_ijk.copy()
         labels[:, :, 5:9] = 0
-    elif case == "k_against_normal":  # a volume whose k runs against row x column (headers and affine agree)
-        affine = vol.affine_lps.copy()
-        affine[:3, 3] = vol.affine_lps[:3, 3] + (vol.shape[2] - 1) * vol.affine_lps[:3, 2]
-        affine[:3, 2] *= -1
-        vol = SeriesVolume(vol.array[:, :, ::-1], affine, vol.datasets[::-1], vol.frame_numbers[::-1])
-        labels = info.mask_ijk[:, :, ::-1]
+    elif case == "k_against_normal":
+        vol, labels = _k_against_normal(vol, info.mask_ijk)
     elif case == "frame_order_layout":  # [i, j, k] as a view of a [k, j, i] array, as read_series returns
         labels = np.ascontiguousarray(info.mask_ijk.transpose(2, 1, 0)).transpose(2, 1, 0)
     elif case == "whole_frame":  # labels in the first and last rows and columns: the box is the whole frame
@@ -135,6 +139,33 @@ def test_fast_engine_variants_equal_highdicom(tmp_path, case):
     if case != "empty_map":
         back, _ = read_seg(fast_path, vol, segments=specs)
         np.testing.assert_array_equal(back, labels)
+
+
+@pytest.mark.parametrize("k_against_normal", [False, True])
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal", "oblique"])
+def test_the_frames_made_ahead_are_used_and_a_missed_forecast_changes_nothing(
+    tmp_path, monkeypatch, orientation, k_against_normal
+):
+    """write_seg starts the frames on a thread before it reads the headers, in the plane order the
+    affine foretells: on a volume that matches its headers that is their order, so build_binary_seg
+    does not make the frames again; a forecast that misses costs a second making, not a different SEG."""
+    import app.io.seg_fast as seg_fast
+    import app.io.seg_write as seg_write
+
+    info = write_phantom_series(tmp_path / "ct", orientation=orientation, reverse_file_order=True)
+    vol, labels = read_series(tmp_path / "ct"), info.mask_ijk
+    if k_against_normal:
+        vol, labels = _k_against_normal(vol, labels)
+    made_again: list[tuple] = []
+    make = seg_fast.binary_frames
+    monkeypatch.setattr(seg_fast, "binary_frames", lambda *args: made_again.append(args) or make(*args))
+    ref = write_seg(vol, labels, SPECS, ALGO, tmp_path / "hd.dcm", engine="highdicom")
+    assert_same_seg(write_seg(vol, labels, SPECS, ALGO, tmp_path / "fast.dcm", engine="fast"), ref)
+    assert made_again == []
+    foretell = seg_write.expected_plane_order
+    monkeypatch.setattr(seg_write, "expected_plane_order", lambda affine, nk: foretell(affine, nk)[::-1])
+    assert_same_seg(write_seg(vol, labels, SPECS, ALGO, tmp_path / "missed.dcm", engine="fast"), ref)
+    assert len(made_again) == 1
 
 
 def test_fast_engine_refuses_undescribed_labels_and_unsupported_variants(tmp_path):
