@@ -54,6 +54,7 @@ from app.inference.stitching import (
     target_span,
 )
 from app.io.nifti import load_nifti
+from app.runtime.heap import retained_heap
 from app.transforms.load import LoadCased
 
 log = logging.getLogger(__name__)
@@ -235,16 +236,17 @@ class BundlePredictor:
             }
         )
         self.last_stats = {"net_shape": list(net_shape)}
-        labels = sliding_window_labels(
-            x,
-            self.network,
-            spec,
-            stitch_device=stitch_device,
-            amp=self.amp,
-            channels_last=self.channels_last and cuda,
-            stats=stats,
-            **target,
-        )
+        with retained_heap(self.device.type == "cpu"):
+            labels = sliding_window_labels(
+                x,
+                self.network,
+                spec,
+                stitch_device=stitch_device,
+                amp=self.amp,
+                channels_last=self.channels_last and cuda,
+                stats=stats,
+                **target,
+            )
         labels_np = labels.cpu().numpy()  # the one device->host copy (uint8)
         if labels_np.dtype != np.uint8 and labels_np.max() < 256:
             labels_np = labels_np.astype(np.uint8)
@@ -314,7 +316,7 @@ class BundlePredictor:
         if on_network is not None:
             on_network()
         ctx = torch.autocast(self.device.type, dtype=torch.float16) if self.amp else nullcontext()
-        with ctx:
+        with ctx, retained_heap(self.device.type == "cpu"):
             logits = self.inferer(x, self.network)
         if isinstance(logits, (tuple, list)):  # deep supervision: the full-resolution output comes first
             logits = logits[0]

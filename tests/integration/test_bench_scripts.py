@@ -77,3 +77,31 @@ def test_device_all_refuses_a_bad_option(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 2 and "--device must be cuda or cpu" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cpu_heap_prints_both_modes_of_both_workloads():
+    args = "--roi 8 --features 4 8 --batch 1 --calls 1 --rounds 1".split()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cpu_heap.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split()[:2] for line in proc.stdout.splitlines() if "s/call" in line]
+    assert rows == [["infer", "default"], ["infer", "retained"], ["train", "default"], ["train", "retained"]]
+    assert proc.stdout.count("speed-up retained/default") == 2
+
+
+def test_cpu_heap_refuses_a_roi_the_network_cannot_pool():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "cpu_heap.py"), "--roi", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 2 and "--roi must be a positive multiple of 4" in proc.stderr
+    assert "Traceback" not in proc.stderr
