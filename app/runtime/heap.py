@@ -27,7 +27,6 @@ Left alone: other C libraries (musl, macOS), a process whose user tuned glibc's 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ _depth = 0
 
 def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already uses
         libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl and macOS lack it)
         return libc
     except (OSError, AttributeError):
