@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="infer,train")
     ap.add_argument("--child", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if len(a.features) < 2 or min(a.features) < 1:
+        ap.error("--features takes at least two positive channel counts (one per level)")
     step = 2 ** (len(a.features) - 1)
     if a.roi < step or a.roi % step or min(a.batch, a.calls, a.rounds) < 1:
         ap.error(f"--roi must be a positive multiple of {step}; --batch, --calls and --rounds at least 1")

@@ -14,36 +14,38 @@ from conftest import REPO
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "budget.py")
 
 
-@pytest.mark.parametrize("script", BENCHES)
-def test_bench_script_help(script):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), "--help"],
+def _bench(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+@pytest.mark.parametrize("script", BENCHES)
+def test_bench_script_help(script):
+    proc = _bench(script, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()
 
 
 @pytest.mark.parametrize(
-    "args, says",
+    "script, args, says",
     [
-        (["--runs", "0"], "need at least 1"),
-        (["--workers", "-3"], "need at least 1"),
-        (["--synthetic-dir", "/proc/no/such/dir"], "cannot create it"),
-        (["--idle", "-1"], "--idle 0 to 60 s"),
+        ("read_speed.py", ["--runs", "0"], "need at least 1"),
+        ("read_speed.py", ["--workers", "-3"], "need at least 1"),
+        ("read_speed.py", ["--synthetic-dir", "/proc/no/such/dir"], "cannot create it"),
+        ("read_speed.py", ["--idle", "-1"], "--idle 0 to 60 s"),
+        ("cpu_heap.py", ["--roi", "30"], "--roi must be a positive multiple of 4"),
+        ("cpu_heap.py", ["--features", "-1", "4"], "--features takes at least two positive channel counts"),
+        ("cpu_heap.py", ["--features", "8"], "--features takes at least two positive channel counts"),
+        ("cpu_heap.py", ["--workloads", "infer,test"], "--workloads takes infer and/or train"),
     ],
 )
-def test_read_speed_refuses_a_bad_value_in_one_line(args, says):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "read_speed.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+def test_a_bench_refuses_a_bad_value_in_one_line(script, args, says):
+    proc = _bench(script, *args)
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -81,27 +83,14 @@ def test_device_all_refuses_a_bad_option(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_heap_prints_both_modes_of_both_workloads():
-    args = "--roi 8 --features 4 8 --batch 1 --calls 1 --rounds 1".split()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "cpu_heap.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc = _bench("cpu_heap.py", *"--roi 8 --features 4 8 --batch 1 --calls 1 --rounds 1".split(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [line.split()[:2] for line in proc.stdout.splitlines() if "s/call" in line]
-    assert rows == [["infer", "default"], ["infer", "retained"], ["train", "default"], ["train", "retained"]]
+    rows = [line for line in proc.stdout.splitlines() if "s/call" in line]
+    assert [r.split()[:2] for r in rows] == [
+        ["infer", "default"],
+        ["infer", "retained"],
+        ["train", "default"],
+        ["train", "retained"],
+    ]
+    assert all("faults/call" in r and "peak RSS" in r and "MiB" in r for r in rows)  # time, faults and memory
     assert proc.stdout.count("speed-up retained/default") == 2
-
-
-def test_cpu_heap_refuses_a_roi_the_network_cannot_pool():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "cpu_heap.py"), "--roi", "30"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.returncode == 2 and "--roi must be a positive multiple of 4" in proc.stderr
-    assert "Traceback" not in proc.stderr
